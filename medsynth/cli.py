@@ -1,0 +1,182 @@
+"""The ``medsynth`` command line: one command with grouped subcommands.
+
+Every subcommand calls the same library functions as the Prefect flows in ``flows/``. Heavy
+imports (torch, MONAI, Prefect) happen inside the commands so that ``medsynth --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from medsynth.errors import MedsynthError
+
+app = typer.Typer(
+    name="medsynth",
+    help="Mask-conditioned MRI synthesis: check and preprocess data, train a ControlNet latent diffusion "
+    "model, synthesise image/mask pairs, validate them, and run augmentation experiments.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Dataset tools: quality checks and the built-in phantom dataset.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_STATE: dict[str, Any] = {"verbose": False}
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="YAML config file (see configs/).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: --set preprocess.spacing=[1,1,1] (repeatable)."),
+]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "alembic", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and full tracebacks.")] = False,
+) -> None:
+    _STATE["verbose"] = verbose
+    _setup_logging(verbose)
+
+
+def _load(config: Path, overrides: list[str] | None) -> Any:
+    from medsynth.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@data_app.command("check")
+def data_check(
+    target: Annotated[str, typer.Argument(help="A YAML config, or a dataset folder / CSV manifest.")],
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default <output_dir>/<name>/qc).")] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="For a bare dataset path: label vocabulary, e.g. '0:background,1:tumour'.")
+    ] = None,
+    remap: Annotated[str | None, typer.Option(help="For a bare dataset path: value remapping, e.g. '255:1'.")] = None,
+) -> None:
+    """Check every image/mask pair and write a QC report (JSON, Markdown summary, PNG overlays)."""
+    from medsynth.config.loader import validate_config
+    from medsynth.config.schema import MedsynthConfig
+    from medsynth.data.qc_report import REPORT_MD, enforce_policy, run_check
+    from medsynth.progress import progress_for
+
+    if target.endswith((".yaml", ".yml")):
+        cfg = _load(Path(target), set_)
+    else:
+        data: dict[str, Any] = {"root": target}
+        if labels:
+            data["labels"] = {int(k): v for k, v in (p.split(":", 1) for p in labels.split(","))}
+        if remap:
+            data["label_remap"] = {int(k): int(v) for k, v in (p.split(":", 1) for p in remap.split(","))}
+        from medsynth.config.loader import apply_overrides
+
+        raw = apply_overrides({"name": Path(target).stem or "dataset", "data": data}, set_ or [])
+        cfg = validate_config(raw, "command line", MedsynthConfig)
+    out_dir = out or Path(cfg.output_dir) / cfg.name / "qc"
+    from medsynth.data.layouts import discover
+
+    n = len(discover(cfg.data).cases)
+    with progress_for(n, "checking") as prog:
+        report = run_check(cfg, out_dir, prog)
+    typer.echo(f"{report.n_cases} cases, {report.n_bad} bad; report: {out_dir / REPORT_MD}")
+    enforce_policy(report)
+
+
+@data_app.command("phantom")
+def data_phantom(
+    out: Annotated[Path, typer.Option(help="Output dataset folder.")],
+    dim: Annotated[int, typer.Option(help="2: per-patient PNG slices; 3: MSD-style NIfTI volumes.")] = 2,
+    n: Annotated[int, typer.Option(help="Number of patients.")] = 24,
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    size: Annotated[int, typer.Option(help="In-plane size in voxels.")] = 64,
+    slices_per_patient: Annotated[int, typer.Option(help="2D: slices per patient.")] = 8,
+    lesion_probability: Annotated[float, typer.Option(help="Probability that a patient has a lesion.")] = 0.6,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Generate the procedural brain phantom dataset (labels: background, CSF, GM, WM, lesion)."""
+    from medsynth.data.phantom import write_phantom_dataset
+
+    path = write_phantom_dataset(
+        out,
+        dim=dim,
+        n=n,
+        seed=seed,
+        size=size,
+        slices_per_patient=slices_per_patient,
+        lesion_probability=lesion_probability,
+        overwrite=overwrite,
+    )
+    typer.echo(f"phantom dataset written to {path}")
+
+
+@app.command("preprocess")
+def preprocess(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder override.")] = None,
+) -> None:
+    """Check and preprocess a dataset into the on-disk cache (unchanged cases are not redone)."""
+    from medsynth.data.preprocess import plan, run_preprocess
+    from medsynth.progress import progress_for
+
+    cfg = _load(config, set_)
+    todo = len(plan(cfg, cache_dir).todo)
+    with progress_for(todo, "preprocessing") as prog:
+        s = run_preprocess(cfg, cache_dir, prog)
+    typer.echo(
+        f"{s.n_cases} cases ({s.n_processed} processed, {s.n_cached} cached, {len(s.excluded)} excluded) -> "
+        f"{s.n_items} items in {s.cache_dir} [{s.seconds:.1f}s]"
+    )
+
+
+@app.command("run")
+def run(
+    config: Annotated[Path | None, typer.Argument(help="Pipeline config (default: the phantom demo).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run the orchestrated pipeline (a Prefect flow); with no config, the demo on the built-in phantom."""
+    import importlib
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    cfg_path = config or DEMO_CONFIG
+    if not cfg_path.is_file():
+        raise MedsynthError(f"{cfg_path}: config file does not exist")
+    _load(cfg_path, set_)  # fail fast on config errors, before Prefect starts
+    pipeline = importlib.import_module("flows.pipeline")
+    result = pipeline.pipeline_flow(str(cfg_path), list(set_ or []))
+    typer.echo(f"pipeline finished: {result}")
+
+
+def main() -> None:
+    """Console entry point: run the app, turning expected errors into one line plus a hint."""
+    try:
+        app()
+    except MedsynthError as exc:
+        if _STATE["verbose"]:
+            raise
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        if getattr(exc, "hint", ""):
+            typer.secho(f"hint: {exc.hint}", err=True)
+        typer.secho("(run with --verbose for the full traceback)", err=True, dim=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

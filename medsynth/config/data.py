@@ -1,0 +1,72 @@
+"""Configuration of dataset ingestion: where the data is, its layout, labels and splits."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from medsynth.config.base import StrictModel
+
+Layout = Literal["auto", "msd", "paired", "csv"]
+
+
+class SplitConfig(StrictModel):
+    """Patient-level train/val/test split."""
+
+    train: float = Field(0.7, ge=0.0, le=1.0, description="Fraction of patients in the training split.")
+    val: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of patients in the validation split.")
+    test: float = Field(0.2, ge=0.0, le=1.0, description="Fraction of patients in the test split.")
+    seed: int = Field(0, description="Seed of the patient shuffle; the same seed always gives the same split.")
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1 (train+val+test = {total:g})")
+        return self
+
+
+class DataConfig(StrictModel):
+    """Where a dataset lives and how to read it.
+
+    Relative paths are resolved against the current working directory; ``${VAR}`` and
+    ``${VAR:-default}`` are expanded from the environment (e.g. ``${MEDSYNTH_SHARED:-../shared}``).
+    """
+
+    root: str = Field(..., description="Dataset root folder (or the CSV manifest for layout 'csv').")
+    layout: Layout = Field("auto", description="Dataset layout; 'auto' detects it and says which it chose.")
+    images_dir: str = Field(
+        "", description="Paired layout: folder of images relative to root ('' = root, searched recursively)."
+    )
+    masks_dir: str | None = Field(
+        None, description="Paired layout: folder of masks relative to root (None = next to the images)."
+    )
+    mask_suffix: str = Field(
+        "", description="Paired layout: the mask's file stem is the image stem plus this suffix (e.g. '_mask')."
+    )
+    patient_regex: str | None = Field(
+        None,
+        description=(
+            "Regex applied to the image path relative to root; its first group is the patient id. "
+            "None: the parent folder name when images sit in per-patient folders, else the case id."
+        ),
+    )
+    channel: int | None = Field(None, ge=0, description="Channel to keep from 4D (multi-modal) images.")
+    labels: dict[int, str] = Field(
+        default_factory=lambda: {0: "background", 1: "foreground"},
+        description="Label vocabulary: mask value → name. 0 must be the background.",
+    )
+    label_remap: dict[int, int] = Field(
+        default_factory=dict, description="Mask values mapped before validation, e.g. {255: 1}."
+    )
+    split: SplitConfig = Field(default_factory=SplitConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _labels_ok(self) -> DataConfig:
+        if 0 not in self.labels:
+            raise ValueError("labels must contain 0 (background)")
+        bad = sorted(v for v in self.label_remap.values() if v not in self.labels)
+        if bad:
+            raise ValueError(f"label_remap maps to values {bad} that are not in labels {sorted(self.labels)}")
+        return self

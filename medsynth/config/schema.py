@@ -1,0 +1,39 @@
+"""The root configuration: one section per pipeline stage."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from medsynth.config.base import StrictModel
+from medsynth.config.data import DataConfig
+from medsynth.config.preprocess import PreprocessConfig, QCConfig
+
+
+class PhantomConfig(StrictModel):
+    """The built-in procedural phantom dataset, generated when ``data.root`` does not exist yet."""
+
+    enabled: bool = Field(False, description="Generate the phantom into data.root if that folder is missing.")
+    dim: int = Field(2, ge=2, le=3, description="2: per-patient PNG slices; 3: MSD-style NIfTI volumes.")
+    n: int = Field(24, ge=1, description="Number of phantom patients.")
+    size: int = Field(64, ge=16, description="In-plane size in voxels.")
+    slices_per_patient: int = Field(8, ge=1, description="2D: slices written per patient.")
+    lesion_probability: float = Field(0.6, ge=0, le=1, description="Probability that a patient has a lesion.")
+    seed: int = Field(0, description="Generator seed.")
+
+
+class MedsynthConfig(StrictModel):
+    """Root configuration of a medsynth project.
+
+    Attributes:
+        name: Experiment name (MLflow experiment, output sub-folder).
+        output_dir: Folder for every stage's outputs; relative to the working directory.
+        seed: Global seed.
+    """
+
+    name: str = Field("medsynth", description="Experiment name; also the output sub-folder.")
+    output_dir: str = Field("outputs", description="Root folder of all outputs (relative to the working dir).")
+    seed: int = Field(0, description="Global random seed.")
+    data: DataConfig
+    phantom: PhantomConfig = Field(default_factory=PhantomConfig)  # type: ignore[arg-type]
+    qc: QCConfig = Field(default_factory=QCConfig)  # type: ignore[arg-type]
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)  # type: ignore[arg-type]

@@ -1,0 +1,240 @@
+"""Dataset layouts: find the image/mask pairs of a dataset and build its case table.
+
+Supported layouts:
+    * ``msd``: Medical Segmentation Decathlon / nnU-Net — ``dataset.json``, ``imagesTr/``,
+      ``labelsTr/`` (nnU-Net's ``_0000`` channel suffix understood).
+    * ``paired``: images and masks matched by file stem — either ``images/`` + ``labels/``
+      folders, or ``X.png`` + ``X_mask.png`` side by side (e.g. per-patient folders).
+    * ``csv``: a manifest with columns ``image``, ``mask`` and optional ``patient``, ``split``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from medsynth.config.data import DataConfig
+from medsynth.data.cases import Case
+from medsynth.data.io import IMAGE_SUFFIXES, is_dicom_dir, is_image_file
+from medsynth.errors import DataError
+
+log = logging.getLogger(__name__)
+_CHANNEL = re.compile(r"^(?P<id>.+)_(?P<ch>\d{4})$")
+_MASK_DIRS = ("labels", "labelsTr", "masks", "segmentations", "seg")
+_IMAGE_DIRS = ("images", "imagesTr", "imgs")
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """Result of reading a dataset's layout.
+
+    Attributes:
+        layout: The layout used.
+        cases: Cases in a deterministic (sorted) order, without splits unless the data gave them.
+        message: One line saying which layout was used and why (for logs and reports).
+    """
+
+    layout: str
+    cases: list[Case]
+    message: str
+
+
+def stem(path: Path) -> str:
+    """File name without its (possibly compound) image suffix; folder names unchanged."""
+    name = path.name
+    low = name.lower()
+    for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if low.endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+def _visible(p: Path) -> bool:
+    return not any(part.startswith(".") for part in p.parts)
+
+
+def _image_entries(folder: Path) -> list[Path]:
+    """Image files and DICOM series folders below ``folder`` (hidden files skipped), sorted."""
+    out: list[Path] = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if not _visible(rel):
+            continue
+        if (p.is_file() and is_image_file(p) and p.suffix.lower() != ".dcm") or (p.is_dir() and is_dicom_dir(p)):
+            out.append(p)
+    return out
+
+
+def _patient(cfg: DataConfig, root: Path, image: Path, case_id: str, images_root: Path) -> str:
+    rel = image.relative_to(root).as_posix()
+    if cfg.patient_regex:
+        m = re.search(cfg.patient_regex, rel)
+        if not m:
+            raise DataError(image, f"patient_regex {cfg.patient_regex!r} does not match {rel!r}")
+        return m.group(1) if m.groups() else m.group(0)
+    if image.parent != images_root:
+        return image.parent.name
+    return case_id
+
+
+def _msd(cfg: DataConfig, root: Path) -> list[Case]:
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        raise DataError(root, "MSD/nnU-Net layout needs an imagesTr/ folder")
+    meta_path = root / "dataset.json"
+    pairs: list[tuple[str, Path, Path | None]] = []
+    meta = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(meta_path, f"not valid JSON ({exc})") from exc
+    training = meta.get("training") if isinstance(meta, dict) else None
+    if isinstance(training, list) and training and isinstance(training[0], dict) and "image" in training[0]:
+        for row in training:
+            img = (root / str(row["image"])).resolve()
+            lab = (root / str(row["label"])).resolve() if row.get("label") else None
+            pairs.append((stem(img), img, lab))
+    else:
+        want = cfg.channel if cfg.channel is not None else 0
+        labels = {stem(p): p for p in _image_entries(labels_dir)} if labels_dir.is_dir() else {}
+        for img in _image_entries(images_dir):
+            s = stem(img)
+            m = _CHANNEL.match(s)
+            if m:
+                if int(m.group("ch")) != want:
+                    continue
+                s = m.group("id")
+            pairs.append((s, img, labels.get(s)))
+    return [
+        Case(s, s if not cfg.patient_regex else _patient(cfg, root, img, s, images_dir), img, lab)
+        for s, img, lab in sorted(pairs, key=lambda t: t[0])
+    ]
+
+
+def _paired(cfg: DataConfig, root: Path) -> list[Case]:
+    images_root = root / cfg.images_dir if cfg.images_dir else root
+    if not images_root.is_dir():
+        raise DataError(images_root, "images folder does not exist")
+    masks_root = root / cfg.masks_dir if cfg.masks_dir else None
+    suffix = cfg.mask_suffix
+    entries = _image_entries(images_root)
+    if masks_root is None:
+        if not suffix:
+            raise DataError(root, "paired layout with masks next to images needs data.mask_suffix (e.g. '_mask')")
+        images = [p for p in entries if not stem(p).endswith(suffix)]
+        masks = {(p.parent, stem(p)): p for p in entries if stem(p).endswith(suffix)}
+    else:
+        if not masks_root.is_dir():
+            raise DataError(masks_root, "masks folder does not exist")
+        images = entries
+        masks = {(Path(), stem(p)): p for p in _image_entries(masks_root)}
+    cases: list[Case] = []
+    seen: dict[str, Path] = {}
+    for img in images:
+        s = stem(img)
+        key = (img.parent, s + suffix) if masks_root is None else (Path(), s + suffix)
+        mask = masks.get(key)
+        cid = s
+        if cid in seen:  # same stem in two folders: qualify by relative path
+            cid = stem(img.relative_to(images_root)).replace("/", "__")
+            cid = "__".join([*img.relative_to(images_root).parent.parts, cid])
+        seen[cid] = img
+        cases.append(Case(cid, _patient(cfg, root, img, cid, images_root), img, mask))
+    return cases
+
+
+def _csv(cfg: DataConfig, path: Path) -> list[Case]:
+    if not path.is_file():
+        raise DataError(path, "CSV manifest does not exist")
+    base = path.parent
+    cases: list[Case] = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = set(reader.fieldnames or [])
+        if not {"image", "mask"} <= cols:
+            raise DataError(path, f"CSV manifest needs columns 'image' and 'mask' (has {sorted(cols)})")
+        for i, row in enumerate(reader, start=2):
+            if not row.get("image"):
+                raise DataError(path, f"line {i}: empty 'image' column")
+            img = (base / row["image"]).resolve()
+            mask = (base / row["mask"]).resolve() if row.get("mask") else None
+            cid = stem(img)
+            pid = row.get("patient") or cid
+            split = row.get("split") or None
+            cases.append(Case(cid, pid, img, mask, split))
+    ids = [c.case_id for c in cases]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise DataError(path, f"duplicate case ids (image stems) {dup[:5]}")
+    return cases
+
+
+def detect_layout(cfg: DataConfig, root: Path) -> tuple[DataConfig, str]:
+    """Pick a layout for ``root`` and fill in the paired-layout fields it implies.
+
+    Returns:
+        The (possibly updated) data config with a concrete layout, and a message saying why.
+
+    Raises:
+        DataError: If nothing matches, listing what was looked for.
+    """
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return cfg.model_copy(update={"layout": "csv"}), f"layout csv: {root.name} is a CSV manifest"
+    if not root.is_dir():
+        raise DataError(root, "dataset root does not exist")
+    if (root / "dataset.json").is_file() or (root / "imagesTr").is_dir():
+        return cfg.model_copy(update={"layout": "msd"}), "layout msd: found dataset.json / imagesTr/"
+    for idir in _IMAGE_DIRS:
+        for mdir in _MASK_DIRS:
+            if (root / idir).is_dir() and (root / mdir).is_dir():
+                return cfg.model_copy(
+                    update={"layout": "paired", "images_dir": idir, "masks_dir": mdir}
+                ), f"layout paired: {idir}/ and {mdir}/ matched by file stem"
+    suffix = cfg.mask_suffix or "_mask"
+    for p in root.rglob(f"*{suffix}.*"):
+        if is_image_file(p) and _visible(p.relative_to(root)):
+            upd: dict[str, str | None] = {"layout": "paired", "mask_suffix": suffix, "masks_dir": None}
+            return cfg.model_copy(update=upd), f"layout paired: masks named X{suffix} next to images X"
+    raise DataError(
+        root,
+        "dataset layout matches nothing",
+        hint="expected dataset.json + imagesTr/ + labelsTr/ (MSD/nnU-Net), images/ + labels/ folders, "
+        f"X.png + X{suffix}.png pairs, or a CSV manifest; set data.layout to choose one",
+    )
+
+
+def discover(cfg: DataConfig, root: Path | None = None) -> Discovery:
+    """Find every case of a dataset.
+
+    Args:
+        cfg: Data config (its ``root`` is used unless ``root`` is given).
+        root: Resolved dataset root (file for CSV layouts).
+
+    Returns:
+        A :class:`Discovery` with cases sorted by case id.
+
+    Raises:
+        DataError: Missing root, unknown layout, or an empty dataset.
+    """
+    r = Path(root if root is not None else cfg.root)
+    if cfg.layout == "auto":
+        cfg, message = detect_layout(cfg, r)
+    else:
+        message = f"layout {cfg.layout} (from config)"
+    if cfg.layout == "msd":
+        cases = _msd(cfg, r)
+    elif cfg.layout == "paired":
+        if not r.is_dir():
+            raise DataError(r, "dataset root does not exist")
+        cases = _paired(cfg, r)
+    else:
+        cases = _csv(cfg, r)
+    if not cases:
+        raise DataError(r, f"dataset is empty: {message} but no image files were found")
+    log.info("%s: %d cases", message, len(cases))
+    return Discovery(layout=cfg.layout, cases=sorted(cases, key=lambda c: c.case_id), message=message)

@@ -1,0 +1,108 @@
+"""MONAI transform chains used by preprocessing (built from :class:`PreprocessConfig`)."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+
+from medsynth.config.preprocess import IntensityConfig, PreprocessConfig
+
+IMAGE, MASK = "image", "mask"
+
+
+class ForegroundPercentileScaled(MapTransform):
+    """Clip to percentiles computed over non-zero voxels and scale to [0, 1].
+
+    MONAI's ``ScaleIntensityRangePercentilesd`` computes percentiles over every voxel, which in
+    head MRI is mostly empty background; this variant uses only voxels > 0 (the head), so the
+    upper percentile tracks tissue, not air. Zero (background) voxels stay at 0.
+
+    Args:
+        keys: Keys of the images to scale, each ``(C, *spatial)``.
+        lower: Lower percentile in [0, 100].
+        upper: Upper percentile in [0, 100], above ``lower``.
+    """
+
+    def __init__(self, keys: KeysCollection, lower: float, upper: float) -> None:
+        super().__init__(keys)
+        self.lower, self.upper = lower, upper
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            fg = x[x > 0]
+            if fg.numel() == 0:
+                continue
+            q = torch.quantile(fg.float(), torch.tensor([self.lower / 100, self.upper / 100], dtype=torch.float32))
+            lo, hi = float(q[0]), float(q[1])
+            scaled = ((x - lo) / max(hi - lo, 1e-8)).clamp(0.0, 1.0)
+            d[key] = torch.where(x > 0, scaled, torch.zeros_like(scaled))
+        return d
+
+
+def intensity_transform(cfg: IntensityConfig) -> MapTransform:
+    """The per-volume intensity normalisation chosen by ``cfg`` (applies to the image only)."""
+    if cfg.method == "zscore":
+        return NormalizeIntensityd(IMAGE, nonzero=cfg.within_foreground)
+    if cfg.within_foreground:
+        return ForegroundPercentileScaled(IMAGE, cfg.lower, cfg.upper)
+    return ScaleIntensityRangePercentilesd(IMAGE, cfg.lower, cfg.upper, b_min=0.0, b_max=1.0, clip=True)
+
+
+def geometry_transforms(cfg: PreprocessConfig, ndim: int) -> list[MapTransform]:
+    """Orientation, resampling and foreground crop for an input of ``ndim`` spatial dims.
+
+    Orientation is applied to 3D inputs only (2D slices such as PNGs carry no orientation).
+    The image is resampled linearly and the mask by nearest neighbour, so the mask keeps its label set.
+    """
+    out: list[MapTransform] = []
+    if ndim == 3 and cfg.orientation:
+        out.append(Orientationd(keys=[IMAGE, MASK], axcodes=cfg.orientation))
+    if cfg.spacing is not None:
+        if len(cfg.spacing) != ndim:
+            raise ValueError(f"preprocess.spacing {cfg.spacing} has {len(cfg.spacing)} entries but the data is {ndim}D")
+        out.append(Spacingd(keys=[IMAGE, MASK], pixdim=cfg.spacing, mode=("bilinear", "nearest"), dtype=np.float32))
+    if cfg.foreground_crop:
+        out.append(
+            CropForegroundd(keys=[IMAGE, MASK], source_key=IMAGE, margin=cfg.foreground_margin, allow_smaller=True)
+        )
+    return out
+
+
+def pad_crop_transform(spatial_size: Sequence[int]) -> MapTransform:
+    """Symmetric crop/pad of image and mask to ``spatial_size`` (a non-positive entry keeps that axis)."""
+    return ResizeWithPadOrCropd(keys=[IMAGE, MASK], spatial_size=list(spatial_size), mode="constant")
+
+
+def volume_pipeline(cfg: PreprocessConfig, ndim: int) -> Compose:
+    """Geometry + intensity transforms for one case, applied before slicing/cropping.
+
+    Args:
+        cfg: Preprocessing config.
+        ndim: Spatial dims of the input (2 for PNG slices, 3 for volumes).
+
+    Returns:
+        A MONAI ``Compose`` taking ``{"image": MetaTensor (1, *S), "mask": MetaTensor (1, *S)}``.
+    """
+    return Compose([*geometry_transforms(cfg, ndim), intensity_transform(cfg.intensity)])
+
+
+def to_meta(array: np.ndarray, affine: np.ndarray, dtype: torch.dtype) -> MetaTensor:
+    """Wrap a spatial array ``(*S)`` as a channel-first ``MetaTensor (1, *S)`` carrying ``affine``."""
+    return MetaTensor(torch.as_tensor(np.ascontiguousarray(array), dtype=dtype)[None], affine=torch.as_tensor(affine))
