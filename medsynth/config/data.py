@@ -52,6 +52,9 @@ class DataConfig(StrictModel):
             "None: the parent folder name when images sit in per-patient folders, else the case id."
         ),
     )
+    include: str | None = Field(
+        None, description="Regex on case ids: only matching cases are used (e.g. a subset for a quick run)."
+    )
     channel: int | None = Field(None, ge=0, description="Channel to keep from 4D (multi-modal) images.")
     labels: dict[int, str] = Field(
         default_factory=lambda: {0: "background", 1: "foreground"},

@@ -234,7 +234,11 @@ def discover(cfg: DataConfig, root: Path | None = None) -> Discovery:
         cases = _paired(cfg, r)
     else:
         cases = _csv(cfg, r)
+    if cfg.include:
+        pattern = re.compile(cfg.include)
+        cases = [c for c in cases if pattern.search(c.case_id)]
     if not cases:
-        raise DataError(r, f"dataset is empty: {message} but no image files were found")
+        what = f"no case id matches data.include {cfg.include!r}" if cfg.include else "no image files were found"
+        raise DataError(r, f"dataset is empty: {message} but {what}")
     log.info("%s: %d cases", message, len(cases))
     return Discovery(layout=cfg.layout, cases=sorted(cases, key=lambda c: c.case_id), message=message)
