@@ -7,6 +7,7 @@ from pydantic import Field
 from medsynth.config.base import StrictModel
 from medsynth.config.data import DataConfig
 from medsynth.config.preprocess import PreprocessConfig, QCConfig
+from medsynth.config.stages import AutoencoderStage, ControlNetStage, DiffusionStage, SamplingConfig
 
 
 class PhantomConfig(StrictModel):
@@ -37,3 +38,7 @@ class MedsynthConfig(StrictModel):
     phantom: PhantomConfig = Field(default_factory=PhantomConfig)  # type: ignore[arg-type]
     qc: QCConfig = Field(default_factory=QCConfig)  # type: ignore[arg-type]
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)  # type: ignore[arg-type]
+    autoencoder: AutoencoderStage = Field(default_factory=AutoencoderStage)  # type: ignore[arg-type]
+    diffusion: DiffusionStage = Field(default_factory=DiffusionStage)  # type: ignore[arg-type]
+    controlnet: ControlNetStage = Field(default_factory=ControlNetStage)  # type: ignore[arg-type]
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)  # type: ignore[arg-type]

@@ -1,0 +1,32 @@
+"""Optimisation settings shared by every training loop."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from medsynth.config.base import StrictModel
+
+
+class OptimConfig(StrictModel):
+    """AdamW with linear warm-up, gradient clipping, EMA, mixed precision and checkpointing."""
+
+    steps: int = Field(1000, ge=1, description="Optimiser steps.")
+    batch_size: int = Field(8, ge=1, description="Batch size per process (global batch = this x world size).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(50, ge=0, description="Linear learning-rate warm-up steps.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm (None: no clipping).")
+    ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA decay of the weights (None: no EMA).")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="Mixed precision: 'auto' = bf16 autocast on CUDA, fp32 on CPU; 'bf16' forces it."
+    )
+    val_every: int = Field(200, ge=1, description="Validation loss (and sample grid) every N steps.")
+    val_batches: int = Field(2, ge=1, description="Validation batches per evaluation.")
+    ckpt_every: int = Field(500, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Step checkpoints kept on disk (the final one always).")
+    seed: int = Field(0, description="Seed of batch order, noise and timesteps (per step, so resume is exact).")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (None: torch default). 1 is immune to contention."
+    )

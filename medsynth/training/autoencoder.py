@@ -1,0 +1,216 @@
+"""Autoencoder training: L1 + KL (+ patch-adversarial after a warm-up), EMA, latent scale factor."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from medsynth.config.loader import config_dict, save_resolved
+from medsynth.config.schema import MedsynthConfig
+from medsynth.data.dataset import ArraySet, load_split
+from medsynth.errors import DataError
+from medsynth.models.autoencoder import build_autoencoder, build_discriminator, encode_mean
+from medsynth.training.checkpoint import Checkpoint, find_checkpoint, restore_training_state, save_checkpoint
+from medsynth.training.common import autocast, batch_indices, make_ema, make_optimizer, set_threads, unwrap, wrap_ddp
+from medsynth.training.context import StageContext, StepTimer
+from medsynth.viz import save_grid, to_2d
+
+AE, AE_EMA, DISC = "autoencoder", "autoencoder_ema", "discriminator"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """Outcome of a training stage: its final checkpoint and summary metrics."""
+
+    run_dir: Path
+    checkpoint: Path
+    metrics: dict[str, float]
+
+
+def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL divergence of N(mu, sigma²) from N(0, 1), summed over latent dims, averaged over the batch."""
+    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-12) - 1.0)
+    return kl.flatten(1).sum(1).mean()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB between images in ``[0, data_range]``."""
+    mse = float(F.mse_loss(x.float(), y.float()))
+    return 10.0 * math.log10(data_range**2 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def latent_scale_factor(ae: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 32) -> float:
+    """1 / std of the latent means of ``images`` ``(N, 1, *S)`` (stored with the checkpoint)."""
+    zs = [encode_mean(ae, images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)]
+    return float(1.0 / torch.cat(zs).std().clamp_min(1e-8))
+
+
+@torch.no_grad()
+def reconstruct(ae: Any, images: torch.Tensor, device: torch.device, batch: int = 32) -> torch.Tensor:
+    """Deterministic reconstructions (decode of the latent mean) of ``images`` ``(N, 1, *S)``."""
+    out = []
+    for i in range(0, len(images), batch):
+        z = encode_mean(ae, images[i : i + batch].to(device))
+        out.append(ae.decode(z).float().clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+def _sample_grid(path: Path, images: torch.Tensor, recon: torch.Tensor, n: int = 6) -> Path:
+    rows = [[to_2d(images[i, 0].numpy()), to_2d(recon[i, 0].numpy())] for i in range(min(n, len(images)))]
+    return save_grid(path, rows, col_titles=["image", "reconstruction"])
+
+
+def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageContext) -> StageResult:
+    """Train the KL autoencoder on the training split of a preprocessing cache.
+
+    Args:
+        cfg: Resolved config (``autoencoder`` section, ``preprocess.spatial_dims``).
+        cache_dir: Preprocessing cache folder.
+        ctx: Run folder, resume flag, device, tracker and progress.
+
+    Returns:
+        The final checkpoint (EMA weights under ``autoencoder_ema``; ``scale_factor`` in its extras)
+        and validation metrics (L1, PSNR).
+    """
+    sc = cfg.autoencoder
+    oc = sc.train
+    set_threads(oc.num_threads)
+    dev = ctx.device
+    train = load_split(cache_dir, "train")
+    try:
+        val: ArraySet = load_split(cache_dir, "val")
+    except DataError:
+        val = train
+    dims = cfg.preprocess.spatial_dims
+    if ctx.dist.is_main:
+        save_resolved(cfg, ctx.run_dir)
+
+    # --- networks, optimisers, EMA ---
+    torch.manual_seed(oc.seed)
+    ae = build_autoencoder(sc, dims).to(dev)
+    opt, sched = make_optimizer(ae.parameters(), oc)
+    ema = make_ema(ae, oc.ema_decay)
+    disc = build_discriminator(sc, dims).to(dev) if sc.adv_weight > 0 else None
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=sc.disc_lr) if disc is not None else None
+    perceptual = None
+    if sc.perceptual_weights and sc.perceptual_weight > 0:
+        from monai.losses import PerceptualLoss
+
+        if not Path(sc.perceptual_weights).is_file():
+            raise DataError(sc.perceptual_weights, "perceptual-loss weights file does not exist")
+        perceptual = PerceptualLoss(
+            dims, network_type="resnet50", pretrained=True, pretrained_path=sc.perceptual_weights
+        ).to(dev)
+    networks: dict[str, torch.nn.Module] = {AE: ae, **({AE_EMA: ema} if ema else {})}
+    if disc is not None:
+        networks[DISC] = disc
+    optimizers: dict[str, torch.optim.Optimizer] = {"ae": opt, **({"disc": opt_d} if opt_d else {})}
+    start = 0
+    latest = find_checkpoint(ctx.run_dir) if ctx.resume else None
+    if latest is not None:
+        start = restore_training_state(latest, networks, optimizers, {"ae": sched})
+    model = wrap_ddp(ae, ctx.dist, dev)
+    d_model = wrap_ddp(disc, ctx.dist, dev) if disc is not None else None
+    from monai.losses import PatchAdversarialLoss
+
+    adv = PatchAdversarialLoss(criterion="least_squares")
+    timer = StepTimer("autoencoder", start, oc.steps, ctx.dist.is_main)
+    val_x = val.images[: max(oc.batch_size * oc.val_batches, 1)]
+    metrics: dict[str, float] = {}
+
+    for step in range(start, oc.steps):
+        # --- batch ---
+        idx = batch_indices(len(train), step, oc.batch_size, oc.seed, ctx.dist.rank, ctx.dist.world_size)
+        x = train.images[idx].to(dev)
+        # --- generator step: reconstruction + KL (+ adversarial, + perceptual) ---
+        model.train()
+        with autocast(dev, oc.amp):
+            recon, mu, sigma = model(x)
+            l1 = F.l1_loss(recon.float(), x)
+            kl = kl_loss(mu.float(), sigma.float())
+            loss = l1 + sc.kl_weight * kl
+            if perceptual is not None:
+                loss = loss + sc.perceptual_weight * perceptual(recon.float(), x)
+            use_adv = d_model is not None and step >= sc.adv_start
+            if use_adv and d_model is not None:
+                g_adv = adv(d_model(recon.float())[-1], target_is_real=True, for_discriminator=False)
+                loss = loss + sc.adv_weight * g_adv
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if oc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(ae.parameters(), oc.grad_clip)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.update_parameters(ae)
+        # --- discriminator step ---
+        if use_adv and d_model is not None and opt_d is not None:
+            with autocast(dev, oc.amp):
+                d_fake = adv(d_model(recon.detach().float())[-1], target_is_real=False, for_discriminator=True)
+                d_real = adv(d_model(x)[-1], target_is_real=True, for_discriminator=True)
+                d_loss = 0.5 * (d_fake + d_real)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+        # --- logging, validation, checkpoints ---
+        done = step + 1
+        m = {"loss": float(loss), "l1": float(l1), "kl": float(kl)}
+        ctx.progress.advance(1, f"l1={m['l1']:.4f}")
+        timer.tick(done, m)
+        if ctx.dist.is_main and (done % 10 == 0 or done == oc.steps):
+            ctx.tracker.log_metrics({f"ae/train_{k}": v for k, v in m.items()}, step=done)
+        if ctx.dist.is_main and (done % oc.val_every == 0 or done == oc.steps):
+            eval_net = ema.module if ema is not None else ae
+            eval_net.eval()
+            rec = reconstruct(eval_net, val_x, dev)
+            metrics = {"val_l1": float(F.l1_loss(rec, val_x)), "val_psnr": psnr(rec, val_x)}
+            ctx.tracker.log_metrics({f"ae/{k}": v for k, v in metrics.items()}, step=done)
+            grid = _sample_grid(ctx.run_dir / "samples" / f"recon_step{done:07d}.png", val_x, rec)
+            ctx.tracker.log_artifact(grid, "samples/autoencoder")
+        if ctx.dist.is_main and done % oc.ckpt_every == 0 and done < oc.steps:
+            save_checkpoint(
+                ctx.run_dir, done, networks, optimizers, {"ae": sched}, config_dict(cfg), keep=oc.keep_checkpoints
+            )
+
+    # --- latent scale factor from the training data, final checkpoint ---
+    final_net = ema.module if ema is not None else ae
+    final_net.eval()
+    scale = latent_scale_factor(final_net, train.images[: min(len(train), 512)], dev)
+    ckpt: Checkpoint | None = None
+    if ctx.dist.is_main:
+        ckpt = save_checkpoint(
+            ctx.run_dir,
+            oc.steps,
+            networks,
+            optimizers,
+            {"ae": sched},
+            config_dict(cfg),
+            extras={"scale_factor": scale, **metrics},
+            keep=oc.keep_checkpoints,
+            final=True,
+        )
+        ctx.tracker.log_metrics({"ae/scale_factor": scale}, step=oc.steps)
+    path = ckpt.path if ckpt else ctx.run_dir
+    return StageResult(ctx.run_dir, path, {**metrics, "scale_factor": scale})
+
+
+def load_autoencoder(cfg: MedsynthConfig, ckpt: Checkpoint, device: torch.device) -> tuple[torch.nn.Module, float]:
+    """Rebuild the autoencoder from a checkpoint (EMA weights when present) and its scale factor."""
+    ae = build_autoencoder(cfg.autoencoder, cfg.preprocess.spatial_dims)
+    name = AE_EMA if (ckpt.path / f"{AE_EMA}.safetensors").is_file() else AE
+    weights = ckpt.weights(name)
+    weights = {k.removeprefix("module."): v for k, v in weights.items() if k != "n_averaged"}
+    ae.load_state_dict(weights)
+    ae.to(device).eval()
+    return unwrap(ae), float(ckpt.extras["scale_factor"])
+
+
+def summarize(result: StageResult) -> dict[str, Any]:
+    """JSON summary of a stage result."""
+    return {"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint), **result.metrics}

@@ -1,0 +1,71 @@
+"""What a training stage needs besides its config: where to write, the device, tracker and progress."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medsynth.progress import NullProgress, Progress
+from medsynth.tracking.base import NullTracker, Tracker
+from medsynth.training.common import DistInfo, eta_str, init_distributed, pick_device
+
+log = logging.getLogger("medsynth.training")
+
+
+@dataclass
+class StageContext:
+    """Run-time context of one training stage.
+
+    Attributes:
+        run_dir: The stage's output folder (checkpoints/, samples/, config).
+        resume: Continue from the latest checkpoint in ``run_dir`` if there is one.
+        tracker: Receives params, metrics and artifacts.
+        progress: Receives one ``advance()`` per optimiser step.
+        device: Torch device (default: CUDA if available, else CPU).
+        dist: Distributed facts (set by :func:`StageContext.create`).
+    """
+
+    run_dir: Path
+    resume: bool = False
+    tracker: Tracker = field(default_factory=NullTracker)
+    progress: Progress = field(default_factory=NullProgress)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dist: DistInfo = field(default_factory=DistInfo)
+
+    @classmethod
+    def create(
+        cls,
+        run_dir: str | Path,
+        resume: bool = False,
+        tracker: Tracker | None = None,
+        progress: Progress | None = None,
+        device: str | None = None,
+    ) -> StageContext:
+        """Build a context: initialise DDP under torchrun and pick the device."""
+        info = init_distributed()
+        dev = torch.device(device) if device else pick_device(info)
+        return cls(Path(run_dir), resume, tracker or NullTracker(), progress or NullProgress(), dev, info)
+
+
+class StepTimer:
+    """Logs loss, rate and ETA every ``every_s`` seconds (rank 0 only)."""
+
+    def __init__(self, name: str, start: int, total: int, is_main: bool, every_s: float = 30.0) -> None:
+        self.name, self.start, self.total, self.is_main, self.every_s = name, start, total, is_main, every_s
+        self.t0 = self.last = time.monotonic()
+
+    def tick(self, step: int, metrics: dict[str, Any]) -> None:
+        """Maybe log a line after ``step`` (1-based count of completed steps)."""
+        now = time.monotonic()
+        if not self.is_main or (now - self.last < self.every_s and step < self.total):
+            return
+        self.last = now
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        vals = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        log.info("%s step %d/%d (%.2f it/s, ETA %s) %s", self.name, step, self.total, rate, eta_str(eta), vals)
