@@ -9,7 +9,6 @@ from medsynth.config.schema import MedsynthConfig
 from medsynth.fileio import sha256_json
 
 
-
 def config_from_json(cfg_json: dict[str, Any]) -> MedsynthConfig:
     """Rebuild the frozen config from the JSON dict passed between tasks."""
     return validate_config(cfg_json, "flow parameter", MedsynthConfig)

@@ -1,6 +1,6 @@
-"""The full pipeline flow. Stages present so far: data preparation (phantom, check, preprocess).
+"""The full pipeline flow: data preparation → generative training (→ synthesis, validation, ...).
 
-Later stages (training, synthesis, validation, experiments, report) are added as subflows here.
+Stages pass paths and summaries, never arrays. Later stages are added here as subflows.
 """
 
 from __future__ import annotations
@@ -10,9 +10,14 @@ from typing import Any
 from prefect import flow
 
 from flows.preprocess import preprocess_flow
+from flows.train import train_flow
+from medsynth.config.loader import load_config
 
 
 @flow(name="medsynth-pipeline")
 def pipeline_flow(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run every stage of the pipeline for a config; returns a summary per stage."""
-    return {"preprocess": preprocess_flow(config_path, overrides or [])}
+    cfg = load_config(config_path, overrides or [])
+    out: dict[str, Any] = {"preprocess": preprocess_flow(config_path, overrides or [])}
+    out["train"] = train_flow(cfg.model_dump(mode="json"))
+    return out

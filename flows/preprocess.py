@@ -71,9 +71,21 @@ def preprocess_flow(
     futures = [process_chunk_task.submit(cfg_json, c, str(staging)) for c in chunks]
     results = [r for f in futures for r in f.result()]
     s = pp.commit(plan, results, staging)
-    log.info("%d items (%d processed, %d cached, %d excluded) in %s", s.n_items, s.n_processed, s.n_cached,
-             len(s.excluded), s.cache_dir)
+    log.info(
+        "%d items (%d processed, %d cached, %d excluded) in %s",
+        s.n_items,
+        s.n_processed,
+        s.n_cached,
+        len(s.excluded),
+        s.cache_dir,
+    )
     return {
-        "cache_dir": str(s.cache_dir), "manifest": str(s.manifest), "n_cases": s.n_cases, "n_items": s.n_items,
-        "n_processed": s.n_processed, "n_cached": s.n_cached, "n_excluded": len(s.excluded), "qc": qc,
+        "cache_dir": str(s.cache_dir),
+        "manifest": str(s.manifest),
+        "n_cases": s.n_cases,
+        "n_items": s.n_items,
+        "n_processed": s.n_processed,
+        "n_cached": s.n_cached,
+        "n_excluded": len(s.excluded),
+        "qc": qc,
     }

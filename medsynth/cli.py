@@ -26,6 +26,12 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Dataset tools: quality checks and the built-in phantom dataset.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+train_app = typer.Typer(
+    help="Train the generative models: autoencoder -> latents -> diffusion UNet -> ControlNet.", no_args_is_help=True
+)
+app.add_typer(train_app, name="train")
+config_app = typer.Typer(help="Configuration: show a resolved config, print the reference.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 _STATE: dict[str, Any] = {"verbose": False}
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -144,6 +150,77 @@ def preprocess(
         f"{s.n_cases} cases ({s.n_processed} processed, {s.n_cached} cached, {len(s.excluded)} excluded) -> "
         f"{s.n_items} items in {s.cache_dir} [{s.seconds:.1f}s]"
     )
+
+
+@config_app.command("show")
+def config_show(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Print the resolved config (file + overrides + defaults) as YAML."""
+    import yaml
+
+    typer.echo(yaml.safe_dump(_load(config, set_).model_dump(mode="json"), sort_keys=False))
+
+
+@config_app.command("reference")
+def config_reference_cmd(
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Print the configuration reference generated from the pydantic models (docs/configuration.md)."""
+    from medsynth.config.reference import config_reference
+    from medsynth.fileio import write_text_atomic
+
+    text = config_reference()
+    if out:
+        write_text_atomic(out, text)
+    else:
+        typer.echo(text)
+
+
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the latest checkpoint.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="Torch device (default: cuda if available, else cpu).")]
+
+
+def _train(stage: str, config: Path, set_: list[str] | None, resume: bool, device: str | None) -> None:
+    from medsynth import stages
+    from medsynth.progress import progress_for
+
+    cfg = _load(config, set_)
+    section = {"autoencoder": cfg.autoencoder, "diffusion": cfg.diffusion, "controlnet": cfg.controlnet}[stage]
+    fn = {"autoencoder": stages.run_autoencoder, "diffusion": stages.run_unet, "controlnet": stages.run_controlnet}
+    with progress_for(section.train.steps, f"train {stage}") as prog:
+        out = fn[stage](cfg, resume=resume, progress=prog, device=device)
+    typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()))
+
+
+@train_app.command("autoencoder")
+def train_autoencoder_cmd(
+    config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True, device: DeviceOpt = None
+) -> None:
+    """Train the KL autoencoder (L1 + KL, optional patch-adversarial loss) and its latent scale factor."""
+    _train("autoencoder", config, set_, resume, device)
+
+
+@train_app.command("latents")
+def train_latents_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = None) -> None:
+    """Encode the train/val splits once with the trained autoencoder (latent means)."""
+    from medsynth import stages
+
+    typer.echo(stages.run_encode(_load(config, set_), device=device))
+
+
+@train_app.command("diffusion")
+def train_diffusion_cmd(
+    config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True, device: DeviceOpt = None
+) -> None:
+    """Train the latent diffusion UNet (epsilon, v-prediction or rectified flow)."""
+    _train("diffusion", config, set_, resume, device)
+
+
+@train_app.command("controlnet")
+def train_controlnet_cmd(
+    config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True, device: DeviceOpt = None
+) -> None:
+    """Train the ControlNet on full-resolution masks, initialised from the frozen UNet."""
+    _train("controlnet", config, set_, resume, device)
 
 
 @app.command("run")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Self
+
+from pydantic import Field, model_validator
 
 from medsynth.config.base import StrictModel
 from medsynth.config.data import DataConfig
 from medsynth.config.preprocess import PreprocessConfig, QCConfig
 from medsynth.config.stages import AutoencoderStage, ControlNetStage, DiffusionStage, SamplingConfig
+from medsynth.config.synthesis import SynthesisConfig
 
 
 class PhantomConfig(StrictModel):
@@ -42,3 +45,10 @@ class MedsynthConfig(StrictModel):
     diffusion: DiffusionStage = Field(default_factory=DiffusionStage)  # type: ignore[arg-type]
     controlnet: ControlNetStage = Field(default_factory=ControlNetStage)  # type: ignore[arg-type]
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)  # type: ignore[arg-type]
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _synthesis_fits(self) -> Self:
+        if self.synthesis.output_format == "png" and self.preprocess.spatial_dims != 2:
+            raise ValueError("synthesis.output_format 'png' needs 2D data (preprocess.spatial_dims 2); use 'nifti'")
+        return self

@@ -15,8 +15,23 @@ from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import ArraySet, load_split
 from medsynth.errors import DataError
 from medsynth.models.autoencoder import build_autoencoder, build_discriminator, encode_mean
-from medsynth.training.checkpoint import Checkpoint, find_checkpoint, restore_training_state, save_checkpoint
-from medsynth.training.common import autocast, batch_indices, make_ema, make_optimizer, set_threads, unwrap, wrap_ddp
+from medsynth.training.checkpoint import (
+    Checkpoint,
+    completed_checkpoint,
+    restore_training_state,
+    resumable_checkpoint,
+    save_checkpoint,
+)
+from medsynth.training.common import (
+    autocast,
+    batch_indices,
+    make_ema,
+    make_optimizer,
+    seeded_global_rng,
+    set_threads,
+    unwrap,
+    wrap_ddp,
+)
 from medsynth.training.context import StageContext, StepTimer
 from medsynth.viz import save_grid, to_2d
 
@@ -30,6 +45,11 @@ class StageResult:
     run_dir: Path
     checkpoint: Path
     metrics: dict[str, float]
+
+
+def metrics_of(ckpt: Checkpoint) -> dict[str, float]:
+    """The numeric extras of a checkpoint (its recorded metrics)."""
+    return {k: float(v) for k, v in ckpt.extras.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -80,6 +100,9 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
     """
     sc = cfg.autoencoder
     oc = sc.train
+    done_ckpt = completed_checkpoint(ctx.run_dir, ctx.input_key)
+    if done_ckpt is not None:  # same inputs already trained: nothing to do
+        return StageResult(ctx.run_dir, done_ckpt.path, metrics_of(done_ckpt))
     set_threads(oc.num_threads)
     dev = ctx.device
     train = load_split(cache_dir, "train")
@@ -112,7 +135,7 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
         networks[DISC] = disc
     optimizers: dict[str, torch.optim.Optimizer] = {"ae": opt, **({"disc": opt_d} if opt_d else {})}
     start = 0
-    latest = find_checkpoint(ctx.run_dir) if ctx.resume else None
+    latest = resumable_checkpoint(ctx.run_dir, ctx.input_key, ctx.resume)
     if latest is not None:
         start = restore_training_state(latest, networks, optimizers, {"ae": sched})
     model = wrap_ddp(ae, ctx.dist, dev)
@@ -131,7 +154,9 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
         # --- generator step: reconstruction + KL (+ adversarial, + perceptual) ---
         model.train()
         with autocast(dev, oc.amp):
-            recon, mu, sigma = model(x)
+            # the posterior sample is drawn from the global RNG: seed it per step so resuming is exact
+            with seeded_global_rng(oc.seed, step, ctx.dist.rank, dev):
+                recon, mu, sigma = model(x)
             l1 = F.l1_loss(recon.float(), x)
             kl = kl_loss(mu.float(), sigma.float())
             loss = l1 + sc.kl_weight * kl
@@ -175,7 +200,14 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
             ctx.tracker.log_artifact(grid, "samples/autoencoder")
         if ctx.dist.is_main and done % oc.ckpt_every == 0 and done < oc.steps:
             save_checkpoint(
-                ctx.run_dir, done, networks, optimizers, {"ae": sched}, config_dict(cfg), keep=oc.keep_checkpoints
+                ctx.run_dir,
+                done,
+                networks,
+                optimizers,
+                {"ae": sched},
+                config_dict(cfg),
+                extras=ctx.extras(),
+                keep=oc.keep_checkpoints,
             )
 
     # --- latent scale factor from the training data, final checkpoint ---
@@ -191,7 +223,7 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
             optimizers,
             {"ae": sched},
             config_dict(cfg),
-            extras={"scale_factor": scale, **metrics},
+            extras=ctx.extras(scale_factor=scale, **metrics),
             keep=oc.keep_checkpoints,
             final=True,
         )

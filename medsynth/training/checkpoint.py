@@ -192,7 +192,38 @@ def restore_training_state(
         all_t = load_file(str(f)) if f.is_file() else {}
         for key, opt in optimizers.items():
             t = {k.split("/", 1)[1]: v for k, v in all_t.items() if k.startswith(f"{key}/")}
+            tuples = [[k for k, v in g.items() if isinstance(v, tuple)] for g in opt.param_groups]
             opt.load_state_dict(_unflatten_optimizer(t, state["optimizers"][key]))
+            for group, keys in zip(opt.param_groups, tuples, strict=True):  # JSON turned tuples (betas) into lists
+                group.update({k: tuple(group[k]) for k in keys if isinstance(group.get(k), list)})
     for key, sched in (schedulers or {}).items():
         sched.load_state_dict(state["schedulers"][key])
     return int(state["step"])
+
+
+def completed_checkpoint(run_dir: str | Path, input_key: str | None) -> Checkpoint | None:
+    """The final checkpoint of ``run_dir`` if it was produced from the same inputs (``input_key``).
+
+    A stage whose final checkpoint carries the same input key has nothing left to do. Without a
+    key (direct library use) nothing is considered complete.
+    """
+    if input_key is None:
+        return None
+    ckpt = find_checkpoint(run_dir, "final")
+    return ckpt if ckpt is not None and ckpt.extras.get("input_key") == input_key else None
+
+
+def resumable_checkpoint(run_dir: str | Path, input_key: str | None, resume: bool) -> Checkpoint | None:
+    """The latest checkpoint to resume from, or None.
+
+    Only a checkpoint written from the same inputs is resumed: after a config or data change a stage
+    starts over instead of continuing a run that optimised something else.
+    """
+    if not resume:
+        return None
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    if input_key is not None and ckpt.extras.get("input_key") != input_key:
+        return None
+    return ckpt

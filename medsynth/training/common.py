@@ -112,6 +112,19 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return g
 
 
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, step: int, rank: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's global RNG from ``(seed, step, rank)`` inside the block, restoring it afterwards.
+
+    For random draws made inside third-party code that takes no generator (``AutoencoderKL.forward``
+    samples its latent with ``torch.randn_like``): seeded per step, they no longer depend on the
+    history of the process, so a resumed run repeats them exactly.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(step_generator(seed, step, rank, device).initial_seed())
+        yield
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DDP wrapper (or the module itself)."""
     inner = getattr(model, "module", model)

@@ -28,6 +28,9 @@ class StageContext:
         progress: Receives one ``advance()`` per optimiser step.
         device: Torch device (default: CUDA if available, else CPU).
         dist: Distributed facts (set by :func:`StageContext.create`).
+        input_key: Hash of everything the stage depends on (config section + input hashes). When
+            set, a final checkpoint with the same key makes the stage a no-op, and only checkpoints
+            with the same key are resumed.
     """
 
     run_dir: Path
@@ -36,6 +39,7 @@ class StageContext:
     progress: Progress = field(default_factory=NullProgress)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dist: DistInfo = field(default_factory=DistInfo)
+    input_key: str | None = None
 
     @classmethod
     def create(
@@ -45,11 +49,16 @@ class StageContext:
         tracker: Tracker | None = None,
         progress: Progress | None = None,
         device: str | None = None,
+        input_key: str | None = None,
     ) -> StageContext:
         """Build a context: initialise DDP under torchrun and pick the device."""
         info = init_distributed()
         dev = torch.device(device) if device else pick_device(info)
-        return cls(Path(run_dir), resume, tracker or NullTracker(), progress or NullProgress(), dev, info)
+        return cls(Path(run_dir), resume, tracker or NullTracker(), progress or NullProgress(), dev, info, input_key)
+
+    def extras(self, **values: Any) -> dict[str, Any]:
+        """Checkpoint extras: ``values`` plus the stage's input key."""
+        return {**values, "input_key": self.input_key}
 
 
 class StepTimer:

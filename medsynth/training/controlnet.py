@@ -20,8 +20,13 @@ from medsynth.synthesis.generator import (
     load_unet,
     make_objective,
 )
-from medsynth.training.autoencoder import StageResult
-from medsynth.training.checkpoint import find_checkpoint, restore_training_state, save_checkpoint
+from medsynth.training.autoencoder import StageResult, metrics_of
+from medsynth.training.checkpoint import (
+    completed_checkpoint,
+    restore_training_state,
+    resumable_checkpoint,
+    save_checkpoint,
+)
 from medsynth.training.common import (
     autocast,
     batch_indices,
@@ -81,6 +86,9 @@ def train_controlnet(
         Final checkpoint (``controlnet`` and ``controlnet_ema`` weights; ``num_classes`` in extras).
     """
     sc, oc = cfg.controlnet, cfg.controlnet.train
+    done_ckpt = completed_checkpoint(ctx.run_dir, ctx.input_key)
+    if done_ckpt is not None:  # same inputs already trained: nothing to do
+        return StageResult(ctx.run_dir, done_ckpt.path, metrics_of(done_ckpt))
     set_threads(oc.num_threads)
     dev = ctx.device
     latent_dir = Path(latent_dir)
@@ -100,7 +108,7 @@ def train_controlnet(
     ema = make_ema(cn, oc.ema_decay)
     networks: dict[str, torch.nn.Module] = {CONTROLNET: cn, **({CONTROLNET_EMA: ema} if ema else {})}
     start = 0
-    latest = find_checkpoint(ctx.run_dir) if ctx.resume else None
+    latest = resumable_checkpoint(ctx.run_dir, ctx.input_key, ctx.resume)
     if latest is not None:
         start = restore_training_state(latest, networks, {"controlnet": opt}, {"controlnet": sched})
     model = wrap_ddp(controlled, ctx.dist, dev)
@@ -144,6 +152,7 @@ def train_controlnet(
                 {"controlnet": opt},
                 {"controlnet": sched},
                 config_dict(cfg),
+                extras=ctx.extras(),
                 keep=oc.keep_checkpoints,
             )
 
@@ -157,7 +166,7 @@ def train_controlnet(
         {"controlnet": opt},
         {"controlnet": sched},
         config_dict(cfg),
-        extras={**metrics, "num_classes": train.num_classes},
+        extras=ctx.extras(num_classes=train.num_classes, **metrics),
         keep=oc.keep_checkpoints,
         final=True,
     )

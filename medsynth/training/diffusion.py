@@ -10,8 +10,13 @@ from medsynth.config.loader import config_dict, save_resolved
 from medsynth.config.schema import MedsynthConfig
 from medsynth.models.unet import build_diffusion_unet
 from medsynth.synthesis.generator import UNET, UNET_EMA, load_generator, make_objective
-from medsynth.training.autoencoder import StageResult
-from medsynth.training.checkpoint import find_checkpoint, restore_training_state, save_checkpoint
+from medsynth.training.autoencoder import StageResult, metrics_of
+from medsynth.training.checkpoint import (
+    completed_checkpoint,
+    restore_training_state,
+    resumable_checkpoint,
+    save_checkpoint,
+)
 from medsynth.training.common import (
     autocast,
     batch_indices,
@@ -47,6 +52,9 @@ def train_diffusion(
         Final checkpoint (``unet`` and ``unet_ema`` weights) and the last validation loss.
     """
     sc, oc = cfg.diffusion, cfg.diffusion.train
+    done_ckpt = completed_checkpoint(ctx.run_dir, ctx.input_key)
+    if done_ckpt is not None:  # same inputs already trained: nothing to do
+        return StageResult(ctx.run_dir, done_ckpt.path, metrics_of(done_ckpt))
     set_threads(oc.num_threads)
     dev = ctx.device
     latent_dir = Path(latent_dir)
@@ -63,7 +71,7 @@ def train_diffusion(
     ema = make_ema(unet, oc.ema_decay)
     networks: dict[str, torch.nn.Module] = {UNET: unet, **({UNET_EMA: ema} if ema else {})}
     start = 0
-    latest = find_checkpoint(ctx.run_dir) if ctx.resume else None
+    latest = resumable_checkpoint(ctx.run_dir, ctx.input_key, ctx.resume)
     if latest is not None:
         start = restore_training_state(latest, networks, {"unet": opt}, {"unet": sched})
     model = wrap_ddp(unet, ctx.dist, dev)
@@ -108,7 +116,14 @@ def train_diffusion(
             ctx.tracker.log_metrics({"unet/val_loss": metrics["val_loss"]}, step=done)
         if ctx.dist.is_main and done % oc.ckpt_every == 0 and done < oc.steps:
             save_checkpoint(
-                ctx.run_dir, done, networks, {"unet": opt}, {"unet": sched}, config_dict(cfg), keep=oc.keep_checkpoints
+                ctx.run_dir,
+                done,
+                networks,
+                {"unet": opt},
+                {"unet": sched},
+                config_dict(cfg),
+                extras=ctx.extras(),
+                keep=oc.keep_checkpoints,
             )
 
     # --- final checkpoint and an unconditional sample grid ---
@@ -121,7 +136,7 @@ def train_diffusion(
         {"unet": opt},
         {"unet": sched},
         config_dict(cfg),
-        extras={**metrics, "scale_factor": train.scale_factor},
+        extras=ctx.extras(scale_factor=train.scale_factor, **metrics),
         keep=oc.keep_checkpoints,
         final=True,
     )
@@ -135,7 +150,7 @@ def train_diffusion(
             image_shape=list(train.images.shape[2:]),
         )
         rows = [
-            [to_2d(train.images[i, 0].numpy()) for i in range(4)],
+            [to_2d(train.images[i, 0].numpy()) for i in range(min(4, len(train)))],
             [to_2d(imgs[i, 0].numpy()) for i in range(4)],
             [to_2d(imgs[i, 0].numpy()) for i in range(4, 8)],
         ]

@@ -1,0 +1,199 @@
+"""One function per pipeline stage, from a config to the stage's outputs on disk.
+
+The CLI and the Prefect flows both call these, so a stage behaves the same however it is run.
+Each stage's outputs live under ``<output_dir>/<name>/<stage>/`` and each stage computes an
+*input key* (its config section + hashes of what it reads): a stage whose outputs already carry the
+same key does nothing, and a killed stage resumes from its last checkpoint with that key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medsynth.config.schema import MedsynthConfig
+from medsynth.fileio import sha256_file, sha256_json
+from medsynth.progress import Progress
+from medsynth.tracking.base import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """Where each stage of a config writes."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: MedsynthConfig) -> StagePaths:
+        """Paths of a config: ``<output_dir>/<name>``."""
+        return cls(Path(cfg.output_dir) / cfg.name)
+
+    @property
+    def qc(self) -> Path:
+        """QC report folder."""
+        return self.root / "qc"
+
+    @property
+    def preprocess(self) -> Path:
+        """Preprocessing cache."""
+        return self.root / "preprocess"
+
+    @property
+    def autoencoder(self) -> Path:
+        """Autoencoder run."""
+        return self.root / "autoencoder"
+
+    @property
+    def latents(self) -> Path:
+        """Latent cache."""
+        return self.root / "latents"
+
+    @property
+    def unet(self) -> Path:
+        """Diffusion UNet run."""
+        return self.root / "unet"
+
+    @property
+    def controlnet(self) -> Path:
+        """ControlNet run."""
+        return self.root / "controlnet"
+
+    @property
+    def synthetic(self) -> Path:
+        """Augmented (synthetic) dataset."""
+        return self.root / "synthetic"
+
+
+RUNTIME_ONLY = ("num_threads",)
+"""Fields that change how fast a stage runs, not what it produces: left out of input keys."""
+
+
+def _section(cfg: MedsynthConfig, name: str) -> Any:
+    data = getattr(cfg, name).model_dump(mode="json")
+    if isinstance(data.get("train"), dict):
+        data["train"] = {k: v for k, v in data["train"].items() if k not in RUNTIME_ONLY}
+    return data
+
+
+def _final_hashes(run_dir: Path) -> dict[str, str]:
+    from medsynth.training.checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(run_dir, "final")
+    return ckpt.file_hashes() if ckpt else {}
+
+
+def autoencoder_key(cfg: MedsynthConfig) -> str:
+    """Input key of the autoencoder stage: its section, the preprocessing section and the manifest."""
+    p = StagePaths.of(cfg)
+    return sha256_json(
+        {
+            "ae": _section(cfg, "autoencoder"),
+            "pre": _section(cfg, "preprocess"),
+            "manifest": sha256_file(p.preprocess / "manifest.json"),
+        }
+    )
+
+
+def latents_key(cfg: MedsynthConfig) -> str:
+    """Input key of the latent cache: the final autoencoder weights and the manifest."""
+    p = StagePaths.of(cfg)
+    return sha256_json({"ae": _final_hashes(p.autoencoder), "manifest": sha256_file(p.preprocess / "manifest.json")})
+
+
+def unet_key(cfg: MedsynthConfig) -> str:
+    """Input key of the UNet stage: its section and the training latents."""
+    p = StagePaths.of(cfg)
+    return sha256_json({"unet": _section(cfg, "diffusion"), "latents": _latents_sha(p)})
+
+
+def controlnet_key(cfg: MedsynthConfig) -> str:
+    """Input key of the ControlNet stage: its section, the UNet weights and the training latents."""
+    p = StagePaths.of(cfg)
+    return sha256_json({"cn": _section(cfg, "controlnet"), "unet": _final_hashes(p.unet), "latents": _latents_sha(p)})
+
+
+def _latents_sha(p: StagePaths) -> str | None:
+    f = p.latents / "train.json"
+    return json.loads(f.read_text()).get("file_sha256") if f.is_file() else None
+
+
+def run_autoencoder(
+    cfg: MedsynthConfig,
+    resume: bool = True,
+    tracker: Tracker | None = None,
+    progress: Progress | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Train (or skip, if trained from the same inputs) the autoencoder."""
+    from medsynth.training.autoencoder import summarize, train_autoencoder
+    from medsynth.training.context import StageContext
+
+    p = StagePaths.of(cfg)
+    ctx = StageContext.create(p.autoencoder, resume, tracker or NullTracker(), progress, device, autoencoder_key(cfg))
+    return summarize(train_autoencoder(cfg, p.preprocess, ctx))
+
+
+def run_encode(cfg: MedsynthConfig, device: str | None = None) -> dict[str, Any]:
+    """Encode the train and val splits into the latent cache (skipped when up to date)."""
+    import torch
+
+    from medsynth.errors import DataError
+    from medsynth.training.latents import encode_split
+
+    p = StagePaths.of(cfg)
+    key = latents_key(cfg)
+    stamp = p.latents / "key.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        return {"latent_dir": str(p.latents), "cached": True}
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    files = {}
+    for split in ("train", "val"):
+        try:
+            files[split] = str(encode_split(cfg, p.preprocess, p.autoencoder, p.latents, split, dev))
+        except DataError:
+            if split == "train":
+                raise
+            log.info("no validation split: the UNet/ControlNet validate on training latents")
+    from medsynth.fileio import write_json_atomic
+
+    write_json_atomic(stamp, {"key": key})
+    return {"latent_dir": str(p.latents), "files": files, "cached": False}
+
+
+def run_unet(
+    cfg: MedsynthConfig,
+    resume: bool = True,
+    tracker: Tracker | None = None,
+    progress: Progress | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Train (or skip) the latent diffusion UNet."""
+    from medsynth.training.autoencoder import summarize
+    from medsynth.training.context import StageContext
+    from medsynth.training.diffusion import train_diffusion
+
+    p = StagePaths.of(cfg)
+    ctx = StageContext.create(p.unet, resume, tracker or NullTracker(), progress, device, unet_key(cfg))
+    return summarize(train_diffusion(cfg, p.latents, ctx, ae_run=p.autoencoder))
+
+
+def run_controlnet(
+    cfg: MedsynthConfig,
+    resume: bool = True,
+    tracker: Tracker | None = None,
+    progress: Progress | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Train (or skip) the mask ControlNet."""
+    from medsynth.training.autoencoder import summarize
+    from medsynth.training.context import StageContext
+    from medsynth.training.controlnet import train_controlnet
+
+    p = StagePaths.of(cfg)
+    ctx = StageContext.create(p.controlnet, resume, tracker or NullTracker(), progress, device, controlnet_key(cfg))
+    return summarize(train_controlnet(cfg, p.latents, p.unet, ctx, ae_run=p.autoencoder))
