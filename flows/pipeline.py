@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow
 
 from flows.preprocess import preprocess_flow
+from flows.synthesize import synthesize_flow
 from flows.train import train_flow
 from medsynth.config.loader import load_config
 
@@ -19,5 +20,7 @@ def pipeline_flow(config_path: str, overrides: list[str] | None = None) -> dict[
     """Run every stage of the pipeline for a config; returns a summary per stage."""
     cfg = load_config(config_path, overrides or [])
     out: dict[str, Any] = {"preprocess": preprocess_flow(config_path, overrides or [])}
-    out["train"] = train_flow(cfg.model_dump(mode="json"))
+    cfg_json = cfg.model_dump(mode="json")
+    out["train"] = train_flow(cfg_json)
+    out["synthesize"] = synthesize_flow(cfg_json)
     return out

@@ -223,6 +223,35 @@ def train_controlnet_cmd(
     _train("controlnet", config, set_, resume, device)
 
 
+@app.command("synthesize")
+def synthesize_cmd(
+    config: ConfigArg,
+    out: Annotated[Path, typer.Option(help="Output dataset folder (never overwritten without --overwrite).")],
+    set_: SetOpt = None,
+    masks: Annotated[str | None, typer.Option(help="Mask source: split | folder | manifest.")] = None,
+    masks_path: Annotated[str | None, typer.Option(help="Folder of mask files or CSV manifest.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split whose masks are used (source 'split').")] = None,
+    n_per_mask: Annotated[int | None, typer.Option(help="Images generated per (edited) mask.")] = None,
+    edits: Annotated[str | None, typer.Option(help="Comma-separated edits: none, flip, elastic, transplant.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Synthesise image/mask pairs from real or edited masks into an augmented dataset with provenance."""
+    from medsynth import stages
+    from medsynth.progress import progress_for
+
+    extra = list(set_ or [])
+    for key, value in (("source", masks), ("masks_path", masks_path), ("split", split), ("n_per_mask", n_per_mask)):
+        if value is not None:
+            extra.append(f"synthesis.{key}={value}")
+    if edits:
+        extra.append(f"synthesis.edits=[{edits}]")
+    cfg = _load(config, extra)
+    with progress_for(0, "synthesising") as prog:
+        out_json = stages.run_synthesize(cfg, out, overwrite=overwrite, progress=prog, device=device)
+    typer.echo(f"{out_json.get('n_images')} images -> {out_json['out_dir']} (manifest {out_json.get('manifest')})")
+
+
 @app.command("run")
 def run(
     config: Annotated[Path | None, typer.Argument(help="Pipeline config (default: the phantom demo).")] = None,

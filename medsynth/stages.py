@@ -197,3 +197,58 @@ def run_controlnet(
     p = StagePaths.of(cfg)
     ctx = StageContext.create(p.controlnet, resume, tracker or NullTracker(), progress, device, controlnet_key(cfg))
     return summarize(train_controlnet(cfg, p.latents, p.unet, ctx, ae_run=p.autoencoder))
+
+
+def synthesis_key(cfg: MedsynthConfig) -> str:
+    """Input key of the synthesis stage: its section, sampling, the generator weights and the manifest."""
+    p = StagePaths.of(cfg)
+    return sha256_json(
+        {
+            "syn": _section(cfg, "synthesis"),
+            "sampling": _section(cfg, "sampling"),
+            "gen": [_final_hashes(p.autoencoder), _final_hashes(p.unet), _final_hashes(p.controlnet)],
+            "manifest": sha256_file(p.preprocess / "manifest.json"),
+        }
+    )
+
+
+def run_synthesize(
+    cfg: MedsynthConfig,
+    out_dir: str | Path | None = None,
+    overwrite: bool = False,
+    tracker: Tracker | None = None,
+    progress: Progress | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Generate the augmented dataset from the configured masks.
+
+    With ``out_dir`` None the dataset goes to the config's ``synthetic/`` folder, which the pipeline
+    owns: it is skipped when its stored input key matches and replaced otherwise. An explicit
+    ``out_dir`` is never overwritten without ``overwrite``.
+    """
+    from medsynth.fileio import write_json_atomic
+    from medsynth.synthesis.run import synthesize_from_config
+
+    p = StagePaths.of(cfg)
+    key = synthesis_key(cfg)
+    managed = out_dir is None
+    target = Path(out_dir) if out_dir is not None else p.synthetic
+    stamp = target / "key.json"
+    if managed:
+        if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+            return {"out_dir": str(target), "cached": True}
+        overwrite = True
+    summary = synthesize_from_config(
+        cfg,
+        p.autoencoder,
+        p.unet,
+        p.controlnet,
+        p.preprocess,
+        target,
+        device=device,
+        overwrite=overwrite,
+        progress=progress,
+        tracker=tracker,
+    )
+    write_json_atomic(stamp, {"key": key})
+    return {**summary.to_json(), "cached": False}

@@ -83,8 +83,6 @@ def _patient(cfg: DataConfig, root: Path, image: Path, case_id: str, images_root
 
 def _msd(cfg: DataConfig, root: Path) -> list[Case]:
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
-    if not images_dir.is_dir():
-        raise DataError(root, "MSD/nnU-Net layout needs an imagesTr/ folder")
     meta_path = root / "dataset.json"
     pairs: list[tuple[str, Path, Path | None]] = []
     meta = {}
@@ -99,7 +97,9 @@ def _msd(cfg: DataConfig, root: Path) -> list[Case]:
             img = (root / str(row["image"])).resolve()
             lab = (root / str(row["label"])).resolve() if row.get("label") else None
             pairs.append((stem(img), img, lab))
-    else:
+    else:  # no training list: the files are found in imagesTr/ (a training list may point anywhere)
+        if not images_dir.is_dir():
+            raise DataError(root, "MSD/nnU-Net layout needs an imagesTr/ folder")
         want = cfg.channel if cfg.channel is not None else 0
         labels = {stem(p): p for p in _image_entries(labels_dir)} if labels_dir.is_dir() else {}
         for img in _image_entries(images_dir):

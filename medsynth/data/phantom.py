@@ -32,7 +32,6 @@ consistently with the geometry written next to it.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -46,7 +45,7 @@ from scipy import ndimage
 
 from medsynth.data.io import write_image
 from medsynth.errors import OutputExistsError
-from medsynth.fileio import write_json_atomic, write_text_atomic
+from medsynth.fileio import is_nonempty, move_dir_into_place, write_json_atomic, write_text_atomic
 
 __all__ = [
     "LABELS",
@@ -597,12 +596,6 @@ def _validate(dim: int, n: int, size: int, slices_per_patient: int, lesion_proba
     _check_probability(lesion_probability)
 
 
-def _is_nonempty(path: Path) -> bool:
-    if path.is_dir():
-        return any(path.iterdir())
-    return path.exists() or path.is_symlink()
-
-
 def write_phantom_dataset(
     out_dir: str | Path,
     *,
@@ -653,7 +646,7 @@ def write_phantom_dataset(
     """
     _validate(dim, n, size, slices_per_patient, lesion_probability)
     out = Path(out_dir)
-    if not overwrite and _is_nonempty(out):
+    if not overwrite and is_nonempty(out):
         raise OutputExistsError(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     width = max(3, len(str(n - 1)))
@@ -728,32 +721,8 @@ def write_phantom_dataset(
                 "(uint8 labels 0..4)."
             )
         write_text_atomic(tmp / "PHANTOM.md", _phantom_md(params, layout))
-        _move_into_place(tmp, out, overwrite)
+        move_dir_into_place(tmp, out, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Atomically rename the finished ``tmp`` folder to ``out`` (replacing it if ``overwrite``)."""
-    if not _is_nonempty(out):
-        try:
-            os.replace(tmp, out)  # also replaces an empty folder
-            return
-        except OSError:
-            if not overwrite and _is_nonempty(out):  # somebody wrote there meanwhile
-                raise OutputExistsError(out) from None
-            if not overwrite:
-                raise
-    if not overwrite:
-        raise OutputExistsError(out)
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, trash / out.name)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        os.replace(trash / out.name, out)  # put the old dataset back
-        raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
