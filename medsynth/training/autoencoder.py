@@ -185,7 +185,7 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
             opt_d.step()
         # --- logging, validation, checkpoints ---
         done = step + 1
-        m = {"loss": float(loss), "l1": float(l1), "kl": float(kl)}
+        m = {"loss": loss.item(), "l1": l1.item(), "kl": kl.item()}
         ctx.progress.advance(1, f"l1={m['l1']:.4f}")
         timer.tick(done, m)
         if ctx.dist.is_main and (done % 10 == 0 or done == oc.steps):
