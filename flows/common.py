@@ -1,12 +1,15 @@
-"""Helpers shared by the Prefect flows: config loading and cache keys (thin; no science here)."""
+"""Helpers shared by the Prefect flows: config from task parameters, stage summaries (thin; no science)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from prefect.artifacts import create_markdown_artifact
 
 from medsynth.config.loader import validate_config
 from medsynth.config.schema import MedsynthConfig
-from medsynth.fileio import sha256_json
+from medsynth.tracking.stage import StageTracking
 
 
 def config_from_json(cfg_json: dict[str, Any]) -> MedsynthConfig:
@@ -14,6 +17,14 @@ def config_from_json(cfg_json: dict[str, Any]) -> MedsynthConfig:
     return validate_config(cfg_json, "flow parameter", MedsynthConfig)
 
 
-def key_of(*parts: Any) -> str:
-    """A stable cache key from JSON-compatible parts."""
-    return sha256_json(list(parts))
+def publish_summary(cfg: MedsynthConfig, stage: str, summary: dict[str, Any], tracking: StageTracking) -> None:
+    """A Prefect markdown artifact summarising a stage and pointing to its MLflow run."""
+    rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items() if not isinstance(v, dict | list))
+    md = f"## {stage} ({cfg.name})\n\n| field | value |\n|---|---|\n{rows}\n\nTracking: {tracking.run_link()}\n"
+    key = re.sub(r"[^a-z0-9-]+", "-", f"{cfg.name}-{stage}".lower()).strip("-")
+    create_markdown_artifact(markdown=md, key=key, description=f"medsynth {stage} summary")
+
+
+def numeric(summary: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a summary (to log as metrics)."""
+    return {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}

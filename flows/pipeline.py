@@ -1,10 +1,12 @@
-"""The full pipeline flow: data preparation → generative training (→ synthesis, validation, ...).
+"""The full pipeline flow: check → preprocess → train (AE → latents → UNet → ControlNet) → synthesise.
 
-Stages pass paths and summaries, never arrays. Later stages are added here as subflows.
+Stages pass paths, summaries and MLflow run ids, never arrays. The pipeline owns one MLflow parent
+run; every stage records a nested run under it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -13,14 +15,24 @@ from flows.preprocess import preprocess_flow
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
 from medsynth.config.loader import load_config
+from medsynth.fileio import write_json_atomic
+from medsynth.tracking.stage import finish_pipeline, start_pipeline
 
 
 @flow(name="medsynth-pipeline")
 def pipeline_flow(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run every stage of the pipeline for a config; returns a summary per stage."""
     cfg = load_config(config_path, overrides or [])
-    out: dict[str, Any] = {"preprocess": preprocess_flow(config_path, overrides or [])}
     cfg_json = cfg.model_dump(mode="json")
-    out["train"] = train_flow(cfg_json)
-    out["synthesize"] = synthesize_flow(cfg_json)
+    parent = start_pipeline(cfg)
+    out: dict[str, Any] = {"mlflow_parent_run": parent}
+    try:
+        out["preprocess"] = preprocess_flow(config_path, overrides or [], parent_run_id=parent)
+        out["train"] = train_flow(cfg_json, parent)
+        out["synthesize"] = synthesize_flow(cfg_json, parent_run_id=parent)
+    except BaseException:
+        finish_pipeline(cfg, parent, "FAILED")
+        raise
+    summary = write_json_atomic(Path(cfg.output_dir) / cfg.name / "pipeline_summary.json", out)
+    finish_pipeline(cfg, parent, "FINISHED", summary)
     return out

@@ -10,9 +10,9 @@ from medsynth.config.base import StrictModel
 from medsynth.config.data import DataConfig
 from medsynth.config.evaluation import SegmenterConfig, ValidationConfig
 from medsynth.config.preprocess import PreprocessConfig, QCConfig
-from medsynth.config.tracking import TrackingConfig
 from medsynth.config.stages import AutoencoderStage, ControlNetStage, DiffusionStage, SamplingConfig
 from medsynth.config.synthesis import SynthesisConfig
+from medsynth.config.tracking import TrackingConfig
 
 
 class PhantomConfig(StrictModel):

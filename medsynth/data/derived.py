@@ -33,8 +33,9 @@ def foreground_label(image: npt.NDArray[np.floating], cfg: DerivedLabelConfig) -
     """
     img = np.asarray(image, dtype=np.float32)
     if cfg.threshold == "otsu":
-        nz = img[img > 0]
-        thr = otsu_threshold(nz if nz.size else img.ravel())
+        # over every voxel, background included: Otsu must separate the head from the background.
+        # Over the non-zero voxels only it split tissues (a uniform head gave an empty label).
+        thr = otsu_threshold(img.ravel())
     else:
         thr = float(cfg.threshold)
     fg = img > thr

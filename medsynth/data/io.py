@@ -75,6 +75,8 @@ def is_dicom_dir(path: Path) -> bool:
         if f.is_file():
             if f.suffix.lower() == ".dcm":
                 return True
+            if is_image_file(f):  # a PNG/NIfTI/... file is no DICOM: do not open every slice of a dataset
+                continue
             try:
                 with open(f, "rb") as fh:
                     fh.seek(128)
@@ -164,7 +166,8 @@ def read_image(path: str | Path, kind: Kind = "image", channel: int | None = Non
     except DataError:
         raise
     except Exception as exc:  # corrupt or truncated files surface as many exception types
-        raise DataError(p, f"cannot read file ({type(exc).__name__}: {exc})".strip()) from exc
+        detail = " ".join(str(exc).split())  # SimpleITK messages span lines; errors are one line
+        raise DataError(p, f"cannot read file ({type(exc).__name__}: {detail})") from exc
     if arr.ndim == 4:
         if channel is None:
             raise DataError(p, f"is 4D {arr.shape}; set data.channel to choose one channel")

@@ -21,6 +21,7 @@ from monai.transforms import (
 )
 
 from medsynth.config.preprocess import IntensityConfig, PreprocessConfig
+from medsynth.errors import ConfigError
 
 IMAGE, MASK = "image", "mask"
 
@@ -76,7 +77,11 @@ def geometry_transforms(cfg: PreprocessConfig, ndim: int) -> list[MapTransform]:
         out.append(Orientationd(keys=[IMAGE, MASK], axcodes=cfg.orientation))
     if cfg.spacing is not None:
         if len(cfg.spacing) != ndim:
-            raise ValueError(f"preprocess.spacing {cfg.spacing} has {len(cfg.spacing)} entries but the data is {ndim}D")
+            raise ConfigError(  # a ValueError too; a MedsynthError so that the CLI prints one line, no traceback
+                "config",
+                f"preprocess.spacing {cfg.spacing} has {len(cfg.spacing)} entries but the data is {ndim}D",
+                hint="give one spacing per axis of the input images (2 for PNG slices, 3 for volumes)",
+            )
         out.append(Spacingd(keys=[IMAGE, MASK], pixdim=cfg.spacing, mode=("bilinear", "nearest"), dtype=np.float32))
     if cfg.foreground_crop:
         out.append(

@@ -117,11 +117,11 @@ class MlflowSession:
 
     def log_dataset(self, tracker: MlflowTracker, name: str, source: str, digest: str, context: str) -> None:
         """Record a dataset the run read (name, location and content digest) as a run input."""
-        from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
         from mlflow.entities import DatasetInput, InputTag
 
-        ds = MetaDataset(FileSystemDatasetSource(uri=source), name=name, digest=digest[:36])
+        ds = MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest[:36])
         inp = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         self.client.log_inputs(tracker.run_id, datasets=[inp])
 
