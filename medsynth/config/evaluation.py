@@ -86,6 +86,9 @@ class FeatureEncoderConfig(StrictModel):
 class ValidationConfig(StrictModel):
     """Statistics and audits of synthetic data (plausibility, realism, diversity, memorisation)."""
 
+    max_cases: int | None = Field(
+        None, ge=1, description="Evaluate at most this many test items (deterministic first N); None: all."
+    )
     n_bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples (of patients) per confidence interval.")
     ci: float = Field(0.95, gt=0, lt=1, description="Confidence level of the percentile bootstrap intervals.")
     seed: int = Field(0, description="Seed of bootstraps, permutation tests and KID subsets.")

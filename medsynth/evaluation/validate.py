@@ -1,0 +1,258 @@
+"""The validation stage: plausibility, realism, diversity and memorisation of generated images.
+
+The generator draws images from the TEST-split masks (never seen in training); a segmenter trained
+on the real training split segments both the real and the synthetic image of each mask; an
+in-domain feature encoder (trained on real training images) gives realism distances; several seeds
+per mask give diversity; nearest training neighbours give the memorisation audit.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medsynth.config.schema import MedsynthConfig
+from medsynth.data.dataset import ArraySet, load_split
+from medsynth.evaluation.diversity import diversity_report
+from medsynth.evaluation.features import extract_features, load_feature_encoder
+from medsynth.evaluation.memorisation import closest_pairs_figure, memorisation_audit
+from medsynth.evaluation.metrics import per_label_wasserstein
+from medsynth.evaluation.plausibility import plausibility_report, worst_cases_figure, worst_rows
+from medsynth.evaluation.realism import realism_report
+from medsynth.evaluation.segmenter import load_segmenter, predict
+from medsynth.fileio import write_json_atomic, write_text_atomic
+from medsynth.progress import NullProgress, Progress
+from medsynth.synthesis.generator import MaskGenerator
+from medsynth.tracking.base import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+REPORT_JSON, REPORT_MD = "validation_report.json", "validation_summary.md"
+
+
+def generate_for(
+    gen: MaskGenerator, masks: torch.Tensor, cfg: MedsynthConfig, seed: int, progress: Progress | None = None
+) -> torch.Tensor:
+    """Images ``(N, 1, *S)`` in [0, 1] for masks ``(N, 1, *S)``, in batches of ``sampling.batch_size``."""
+    b = cfg.sampling.batch_size
+    out = []
+    for i in range(0, len(masks), b):
+        out.append(gen.generate(masks[i : i + b], cfg.sampling, seed=seed + i))
+        (progress or NullProgress()).advance(min(b, len(masks) - i))
+    return torch.cat(out)
+
+
+def _summary_md(cfg: MedsynthConfig, rep: dict[str, Any]) -> str:
+    lines = [
+        f"# Validation: {cfg.name}",
+        "",
+        f"Test items: {rep['n_items']} from {rep['n_patients']} patients; "
+        f"sampler {cfg.sampling.sampler} x{cfg.sampling.steps}, guidance {cfg.sampling.guidance_scale}.",
+        "",
+        "## Plausibility (segmenter trained on real data)",
+        "",
+        "| label | Dice real | Dice synthetic | ratio synth/real | FP rate real | FP rate synth |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rep["plausibility"]["labels"].items():
+
+        def ci(e: dict[str, Any]) -> str:
+            m, lo, hi = e.get("mean"), e.get("lo"), e.get("hi")
+            return "n/a" if m is None else f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{m:.3f}"
+
+        fp_r, fp_s = r.get("fp_rate_real"), r.get("fp_rate_synth")
+        lines.append(
+            f"| {name} | {ci(r['dice_real'])} | {ci(r['dice_synth'])} | {ci(r['ratio'])} | "
+            f"{'n/a' if fp_r is None else f'{fp_r:.3f}'} | {'n/a' if fp_s is None else f'{fp_s:.3f}'} |"
+        )
+    rl, dv, mm = rep["realism"], rep["diversity"], rep["memorisation"]
+    lines += [
+        "",
+        "## Realism",
+        "",
+        f"- Fréchet distance {rl['fid']:.3f}, KID {rl['kid']['mean']:.4f} (in-domain encoder; {rl['note']})",
+        f"- per-label intensity Wasserstein: {rep['intensity_wasserstein']}",
+        "",
+        "## Diversity",
+        "",
+        f"- mean pairwise {dv['method']} among seeds of one mask: {dv['mean']:.3f} (1 = identical)",
+        "",
+        "## Memorisation",
+        "",
+        f"- fraction of synthetic images closer to a training image than the {cfg.validation.memorisation_percentile}"
+        f"th percentile of real test images: {mm['fraction_flagged']:.4f}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run_validation(
+    cfg: MedsynthConfig,
+    gen: MaskGenerator,
+    cache_dir: str | Path,
+    segmenter_run: str | Path,
+    features_run: str | Path | None,
+    out_dir: str | Path,
+    tracker: Tracker | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run every validation measurement and write the report (JSON, Markdown, figures).
+
+    Args:
+        cfg: Resolved config (``validation``, ``sampling`` sections).
+        gen: The trained mask-conditioned generator.
+        cache_dir: Preprocessing cache (test split = conditioning masks and real references).
+        segmenter_run: Run folder of the reference segmenter (trained on real data).
+        features_run: Run folder of the feature encoder (None: ``validation.feature_weights``).
+        out_dir: Report folder.
+        tracker: Receives metrics and the figures.
+        progress: Receives one ``advance()`` per generated image.
+
+    Returns:
+        The report dict (also written to ``validation_report.json``).
+    """
+    vc = cfg.validation
+    out = Path(out_dir)
+    tr = tracker or NullTracker()
+    dev = gen.device
+    test = load_split(cache_dir, "test", max_items=vc.max_cases)
+    train = load_split(cache_dir, "train")
+    labels = test.labels
+
+    # --- synthetic images from the test masks ---
+    synth = generate_for(gen, test.masks, cfg, seed=vc.seed, progress=progress)
+
+    # --- plausibility: the same real-data segmenter on real and synthetic images ---
+    seg = load_segmenter(cfg, segmenter_run, dev)
+    pred_real = predict(seg, test.images)
+    pred_synth = predict(seg, synth)
+    plaus = plausibility_report(
+        pred_real,
+        pred_synth,
+        test.masks,
+        test.patients,
+        test.item_ids,
+        labels,
+        n_boot=vc.n_bootstrap,
+        seed=vc.seed,
+        ci=vc.ci,
+        fp_min_voxels=vc.fp_min_voxels,
+    )
+    figs = []
+    lesion = max(k for k in labels if k > 0)
+    worst = worst_rows(plaus["rows"], vc.n_worst, label=lesion)
+    if worst:
+        figs.append(
+            worst_cases_figure(
+                out / "worst_cases.png",
+                test.images,
+                synth,
+                test.masks,
+                pred_real,
+                pred_synth,
+                worst,
+                n=vc.n_worst,
+                label=lesion,
+            )
+        )
+
+    # --- realism: in-domain features, intensity distributions per label ---
+    enc = load_feature_encoder(cfg, features_run, dev)
+    f_real, f_synth = extract_features(enc, test.images), extract_features(enc, synth)
+    half = len(train) // 2
+    f_ref = extract_features(enc, train.images[: min(half, len(test))]) if half else None
+    realism = realism_report(
+        f_real,
+        f_synth,
+        f_ref,
+        kid_subset_size=min(vc.kid_subset_size, len(test)),
+        kid_subsets=vc.kid_subsets,
+        seed=vc.seed,
+    )
+    wass = per_label_wasserstein(test.images, test.masks, synth, test.masks, labels, bins=vc.intensity_bins)
+
+    # --- diversity: several seeds for masks with the highest label present ---
+    has = [i for i in range(len(test)) if bool((test.masks[i] == lesion).any())] or list(range(len(test)))
+    pick = has[: vc.diversity_masks]
+    groups = [
+        torch.stack(
+            [
+                gen.generate(test.masks[i : i + 1], cfg.sampling, seed=1000 + 17 * s)[0]
+                for s in range(vc.diversity_seeds)
+            ]
+        )
+        for i in pick
+    ]
+    diversity = diversity_report(groups)
+
+    # --- memorisation: nearest training image of each synthetic image vs of each real test image ---
+    mem = memorisation_audit(
+        synth,
+        train.images,
+        test.images,
+        percentile=vc.memorisation_percentile,
+        distance=vc.memorisation_distance,
+        synth_ids=test.item_ids,
+        train_ids=train.item_ids,
+        top_k=vc.memorisation_top_k,
+    )
+    figs.append(
+        closest_pairs_figure(
+            out / "closest_pairs.png",
+            synth,
+            train.images,
+            mem,
+            n=vc.n_closest,
+            synth_ids=test.item_ids,
+            train_ids=train.item_ids,
+        )
+    )
+    figs.append(_sample_panel(out / "real_vs_synthetic.png", test, synth))
+
+    report: dict[str, Any] = {
+        "n_items": len(test),
+        "n_patients": len(set(test.patients)),
+        "labels": {str(k): v for k, v in labels.items()},
+        "sampling": cfg.sampling.model_dump(mode="json"),
+        "plausibility": plaus,
+        "realism": realism,
+        "intensity_wasserstein": wass,
+        "diversity": diversity,
+        "memorisation": mem.summary,
+    }
+    write_json_atomic(out / REPORT_JSON, report)
+    write_text_atomic(out / REPORT_MD, _summary_md(cfg, report))
+    tr.log_metrics(_flat_metrics(report))
+    for f in [*figs, out / REPORT_JSON, out / REPORT_MD]:
+        tr.log_artifact(f, "validation")
+    return report
+
+
+def _sample_panel(path: Path, test: ArraySet, synth: torch.Tensor, n: int = 8) -> Path:
+    from medsynth.viz import overlay_rgb, save_grid, to_2d
+
+    order = sorted(range(len(test)), key=lambda i: -int((test.masks[i] > 0).sum()))[:n]
+    rows = [
+        [
+            to_2d(test.images[i, 0].numpy()),
+            overlay_rgb(to_2d(test.images[i, 0].numpy()), to_2d(test.masks[i, 0].numpy()), 0.5),
+            to_2d(synth[i, 0].numpy()),
+        ]
+        for i in order
+    ]
+    return save_grid(path, rows, col_titles=["real", "mask", "synthetic"])
+
+
+def _flat_metrics(rep: dict[str, Any]) -> dict[str, float]:
+    m: dict[str, float] = {}
+    for name, r in rep["plausibility"]["labels"].items():
+        for key in ("dice_real", "dice_synth", "ratio"):
+            v = r.get(key, {}).get("mean")
+            if v is not None:
+                m[f"val/{name}_{key}"] = float(v)
+    m["val/fid_in_domain"] = float(rep["realism"]["fid"])
+    m["val/kid_in_domain"] = float(rep["realism"]["kid"]["mean"])
+    m["val/diversity"] = float(rep["diversity"]["mean"])
+    m["val/memorised_fraction"] = float(rep["memorisation"]["fraction_flagged"])
+    return m
