@@ -1,4 +1,4 @@
-"""The full pipeline flow: check → preprocess → train (AE → latents → UNet → ControlNet) → synthesise.
+"""The full pipeline: check → preprocess → train (AE → latents → UNet → ControlNet) → synthesise → validate.
 
 Stages pass paths, summaries and MLflow run ids, never arrays. The pipeline owns one MLflow parent
 run; every stage records a nested run under it.
@@ -14,6 +14,7 @@ from prefect import flow
 from flows.preprocess import preprocess_flow
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
+from flows.validate import validate_flow
 from medsynth.config.loader import load_config
 from medsynth.fileio import write_json_atomic
 from medsynth.tracking.stage import finish_pipeline, start_pipeline
@@ -30,6 +31,7 @@ def pipeline_flow(config_path: str, overrides: list[str] | None = None) -> dict[
         out["preprocess"] = preprocess_flow(config_path, overrides or [], parent_run_id=parent)
         out["train"] = train_flow(cfg_json, parent)
         out["synthesize"] = synthesize_flow(cfg_json, parent_run_id=parent)
+        out["validate"] = validate_flow(cfg_json, parent)
     except BaseException:
         finish_pipeline(cfg, parent, "FAILED")
         raise

@@ -252,6 +252,26 @@ def synthesize_cmd(
     typer.echo(f"{out_json.get('n_images')} images -> {out_json['out_dir']} (manifest {out_json.get('manifest')})")
 
 
+@app.command("validate")
+def validate_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = None) -> None:
+    """Validate synthetic images: plausibility (real-data segmenter Dice, synthetic vs real, with CIs),
+    realism, diversity and memorisation. Trains the reference segmenter and feature encoder if needed."""
+    from medsynth import stages
+    from medsynth.progress import progress_for
+
+    cfg = _load(config, set_)
+    with progress_for(cfg.segmenter.train.steps, "train segmenter") as prog:
+        stages.run_segmenter(cfg, progress=prog, device=device)
+    with progress_for(cfg.validation.features.train.steps, "train feature encoder") as prog:
+        stages.run_features(cfg, progress=prog, device=device)
+    with progress_for(0, "validating") as prog:
+        out = stages.run_validate(cfg, progress=prog, device=device)
+    typer.echo(f"report: {out['report']}")
+    md = Path(out["report"]).with_name("validation_summary.md")
+    if md.is_file():
+        typer.echo(md.read_text())
+
+
 @app.command("run")
 def run(
     config: Annotated[Path | None, typer.Argument(help="Pipeline config (default: the phantom demo).")] = None,

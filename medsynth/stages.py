@@ -64,6 +64,26 @@ class StagePaths:
         return self.root / "controlnet"
 
     @property
+    def segmenter(self) -> Path:
+        """Reference segmenter run (real data only)."""
+        return self.root / "segmenter"
+
+    @property
+    def features(self) -> Path:
+        """In-domain feature encoder run."""
+        return self.root / "features"
+
+    @property
+    def validation(self) -> Path:
+        """Validation report folder."""
+        return self.root / "validation"
+
+    @property
+    def experiment(self) -> Path:
+        """Downstream experiment grid folder."""
+        return self.root / "experiment"
+
+    @property
     def synthetic(self) -> Path:
         """Augmented (synthetic) dataset."""
         return self.root / "synthetic"
@@ -252,3 +272,95 @@ def run_synthesize(
     )
     write_json_atomic(stamp, {"key": key})
     return {**summary.to_json(), "cached": False}
+
+
+def segmenter_key(cfg: MedsynthConfig) -> str:
+    """Input key of the reference segmenter: its section and the preprocessing manifest."""
+    p = StagePaths.of(cfg)
+    return sha256_json({"seg": _section(cfg, "segmenter"), "manifest": sha256_file(p.preprocess / "manifest.json")})
+
+
+def features_key(cfg: MedsynthConfig) -> str:
+    """Input key of the in-domain feature encoder: its settings and the preprocessing manifest."""
+    p = StagePaths.of(cfg)
+    feats = cfg.validation.features.model_dump(mode="json")
+    feats["train"] = {k: v for k, v in feats["train"].items() if k not in RUNTIME_ONLY}
+    return sha256_json({"features": feats, "manifest": sha256_file(p.preprocess / "manifest.json")})
+
+
+def validation_key(cfg: MedsynthConfig) -> str:
+    """Input key of the validation report: its section, sampling, generator, segmenter and encoder weights."""
+    p = StagePaths.of(cfg)
+    return sha256_json(
+        {
+            "val": _section(cfg, "validation"),
+            "sampling": _section(cfg, "sampling"),
+            "gen": [_final_hashes(p.autoencoder), _final_hashes(p.unet), _final_hashes(p.controlnet)],
+            "seg": _final_hashes(p.segmenter),
+            "features": _final_hashes(p.features),
+            "manifest": sha256_file(p.preprocess / "manifest.json"),
+        }
+    )
+
+
+def run_segmenter(
+    cfg: MedsynthConfig,
+    resume: bool = True,
+    tracker: Tracker | None = None,
+    progress: Progress | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Train (or skip) the reference segmenter on the real training split."""
+    from medsynth.evaluation.segmenter import train_segmenter
+    from medsynth.training.autoencoder import summarize
+    from medsynth.training.context import StageContext
+
+    p = StagePaths.of(cfg)
+    ctx = StageContext.create(p.segmenter, resume, tracker or NullTracker(), progress, device, segmenter_key(cfg))
+    return summarize(train_segmenter(cfg, p.preprocess, ctx))
+
+
+def run_features(
+    cfg: MedsynthConfig,
+    resume: bool = True,
+    tracker: Tracker | None = None,
+    progress: Progress | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Train (or skip) the in-domain feature encoder used for realism distances.
+
+    Skipped entirely when ``validation.feature_weights`` points to the user's own encoder.
+    """
+    if cfg.validation.feature_weights:
+        return {"feature_weights": cfg.validation.feature_weights, "cached": True}
+    from medsynth.evaluation.features import train_feature_encoder
+    from medsynth.training.autoencoder import summarize
+    from medsynth.training.context import StageContext
+
+    p = StagePaths.of(cfg)
+    ctx = StageContext.create(p.features, resume, tracker or NullTracker(), progress, device, features_key(cfg))
+    return summarize(train_feature_encoder(cfg, p.preprocess, ctx))
+
+
+def run_validate(
+    cfg: MedsynthConfig, tracker: Tracker | None = None, progress: Progress | None = None, device: str | None = None
+) -> dict[str, Any]:
+    """Write the validation report (skipped when its stored input key matches)."""
+    import torch
+
+    from medsynth.evaluation.validate import REPORT_JSON, flat_metrics, run_validation
+    from medsynth.fileio import write_json_atomic
+    from medsynth.synthesis.generator import load_generator
+
+    p = StagePaths.of(cfg)
+    key = validation_key(cfg)
+    stamp = p.validation / "key.json"
+    report_file = p.validation / REPORT_JSON
+    if stamp.is_file() and report_file.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        return {"report": str(report_file), "cached": True}
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = load_generator(cfg, p.autoencoder, p.unet, p.controlnet, dev)
+    features_run = None if cfg.validation.feature_weights else p.features
+    rep = run_validation(cfg, gen, p.preprocess, p.segmenter, features_run, p.validation, tracker, progress)
+    write_json_atomic(stamp, {"key": key})
+    return {"report": str(report_file), "cached": False, **flat_metrics(rep)}

@@ -44,6 +44,18 @@ def generate_for(
     return torch.cat(out)
 
 
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _ci(e: dict[str, Any]) -> str:
+    """``value [lo, hi]`` of an Estimate JSON."""
+    v, lo, hi = e.get("value"), e.get("lo"), e.get("hi")
+    if v is None:
+        return "n/a"
+    return f"{v:.3f} [{_num(lo)}, {_num(hi)}]"
+
+
 def _summary_md(cfg: MedsynthConfig, rep: dict[str, Any]) -> str:
     lines = [
         f"# Validation: {cfg.name}",
@@ -56,24 +68,22 @@ def _summary_md(cfg: MedsynthConfig, rep: dict[str, Any]) -> str:
         "| label | Dice real | Dice synthetic | ratio synth/real | FP rate real | FP rate synth |",
         "|---|---|---|---|---|---|",
     ]
-    for name, r in rep["plausibility"]["labels"].items():
-
-        def ci(e: dict[str, Any]) -> str:
-            m, lo, hi = e.get("mean"), e.get("lo"), e.get("hi")
-            return "n/a" if m is None else f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{m:.3f}"
-
-        fp_r, fp_s = r.get("fp_rate_real"), r.get("fp_rate_synth")
+    for name, r in rep["plausibility"]["per_label"].items():
+        fp_r, fp_s = r["fp_real"].get("value"), r["fp_synth"].get("value")
         lines.append(
-            f"| {name} | {ci(r['dice_real'])} | {ci(r['dice_synth'])} | {ci(r['ratio'])} | "
-            f"{'n/a' if fp_r is None else f'{fp_r:.3f}'} | {'n/a' if fp_s is None else f'{fp_s:.3f}'} |"
+            f"| {name} | {_ci(r['dice_real'])} | {_ci(r['dice_synth'])} | {_ci(r['ratio'])} | "
+            f"{_num(fp_r)} | {_num(fp_s)} |"
         )
     rl, dv, mm = rep["realism"], rep["diversity"], rep["memorisation"]
     lines += [
         "",
         "## Realism",
         "",
-        f"- Fréchet distance {rl['fid']:.3f}, KID {rl['kid']['mean']:.4f} (in-domain encoder; {rl['note']})",
-        f"- per-label intensity Wasserstein: {rep['intensity_wasserstein']}",
+        f"- Fréchet distance {rl['fid']:.3f}, KID {rl['kid_mean']:.4f} (in-domain encoder; {rl['note']})",
+        f"- reference (real test vs real train) Fréchet distance {rl.get('reference_fid', float('nan')):.3f}, "
+        f"KID {rl.get('reference_kid_mean', float('nan')):.4f}",
+        "- per-label intensity Wasserstein (real vs synthetic, same masks): "
+        + ", ".join(f"{v['name']} {_num(v.get('wasserstein'))}" for v in rep["intensity_wasserstein"].values()),
         "",
         "## Diversity",
         "",
@@ -223,7 +233,7 @@ def run_validation(
     }
     write_json_atomic(out / REPORT_JSON, report)
     write_text_atomic(out / REPORT_MD, _summary_md(cfg, report))
-    tr.log_metrics(_flat_metrics(report))
+    tr.log_metrics(flat_metrics(report))
     for f in [*figs, out / REPORT_JSON, out / REPORT_MD]:
         tr.log_artifact(f, "validation")
     return report
@@ -244,15 +254,16 @@ def _sample_panel(path: Path, test: ArraySet, synth: torch.Tensor, n: int = 8) -
     return save_grid(path, rows, col_titles=["real", "mask", "synthetic"])
 
 
-def _flat_metrics(rep: dict[str, Any]) -> dict[str, float]:
+def flat_metrics(rep: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers of a validation report, as flat metric names."""
     m: dict[str, float] = {}
-    for name, r in rep["plausibility"]["labels"].items():
+    for name, r in rep["plausibility"]["per_label"].items():
         for key in ("dice_real", "dice_synth", "ratio"):
-            v = r.get(key, {}).get("mean")
+            v = r.get(key, {}).get("value")
             if v is not None:
                 m[f"val/{name}_{key}"] = float(v)
     m["val/fid_in_domain"] = float(rep["realism"]["fid"])
-    m["val/kid_in_domain"] = float(rep["realism"]["kid"]["mean"])
+    m["val/kid_in_domain"] = float(rep["realism"]["kid_mean"])
     m["val/diversity"] = float(rep["diversity"]["mean"])
     m["val/memorised_fraction"] = float(rep["memorisation"]["fraction_flagged"])
     return m
