@@ -76,7 +76,7 @@ def test_hippocampus_subset_preprocess(shared_env, tmp_path: Path) -> None:
     args = [
         "preprocess",
         "-c",
-        str(CONFIGS / "hippocampus-3d.yaml"),
+        str(CONFIGS / "hippocampus-3d-1mm.yaml"),
         "--set",
         "data.include=hippocampus_00",
         "--set",
@@ -84,7 +84,7 @@ def test_hippocampus_subset_preprocess(shared_env, tmp_path: Path) -> None:
     ]
     out = _invoke(*args)
     assert "5 cases (5 processed, 0 cached, 0 excluded) -> 5 items" in out
-    cache = tmp_path / "hippocampus-3d" / "preprocess"
+    cache = tmp_path / "hippocampus-3d-1mm" / "preprocess"
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["excluded"] == []
     for it in manifest["items"]:

@@ -16,7 +16,7 @@ from medsynth.errors import ConfigError
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
-@pytest.mark.parametrize("name", ["lgg-2d.yaml", "lgg-2d-128.yaml", "hippocampus-3d.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["lgg-2d.yaml", "lgg-2d-128.yaml", "hippocampus-3d.yaml", "hippocampus-3d-1mm.yaml", "demo.yaml"])
 def test_shipped_configs_load_and_are_frozen(name: str) -> None:
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, MedsynthConfig)
@@ -38,9 +38,11 @@ def test_shipped_config_values() -> None:
     assert (lgg128.preprocess.spacing, lgg128.preprocess.spatial_size) == ([2.0, 2.0], [128, 128])
     assert lgg128.data == lgg.data and lgg128.qc == lgg.qc
     assert lgg128.preprocess.derived_label == lgg.preprocess.derived_label
-    hip = load_config(CONFIGS / "hippocampus-3d.yaml")
+    hip = load_config(CONFIGS / "hippocampus-3d-1mm.yaml")
     assert hip.preprocess.spatial_dims == 3
     assert hip.preprocess.spacing == [1.0, 1.0, 1.0]
+    hip_cpu = load_config(CONFIGS / "hippocampus-3d.yaml")  # the CPU-budget grid
+    assert hip_cpu.preprocess.spacing == [1.5, 1.5, 1.5] and hip_cpu.data == hip.data
 
 
 def test_dotted_override_is_applied_and_typed() -> None:
