@@ -82,6 +82,19 @@ def controlnet_task(
     return _train("controlnet", "controlnet", "controlnet", stages.run_controlnet, cfg_json, parent_run_id)
 
 
+@task(name="register-generator", cache_policy=NO_CACHE)
+def generator_task(
+    cfg_json: dict[str, Any], upstream: dict[str, Any], parent_run_id: str | None = None
+) -> dict[str, Any]:
+    """Bundle the three final checkpoints + config and register it as the ``generator`` model."""
+    cfg = config_from_json(cfg_json)
+    with tracked_stage(cfg, "generator", parent_run_id) as st:
+        bundle = stages.export_generator(cfg)
+        out = {"bundle": str(bundle), "model_uri": st.register("generator", bundle)}
+        publish_summary(cfg, "generator", out, st)
+    return out
+
+
 @flow(name="train")
 def train_flow(cfg_json: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
     """Train the three generative networks in order (each stage skipped when up to date)."""
@@ -89,4 +102,5 @@ def train_flow(cfg_json: dict[str, Any], parent_run_id: str | None = None) -> di
     lat = latents_task(cfg_json, ae, parent_run_id)
     unet = unet_task(cfg_json, lat, parent_run_id)
     cn = controlnet_task(cfg_json, unet, parent_run_id)
-    return {"autoencoder": ae, "latents": lat, "unet": unet, "controlnet": cn}
+    gen = generator_task(cfg_json, cn, parent_run_id)
+    return {"autoencoder": ae, "latents": lat, "unet": unet, "controlnet": cn, "generator": gen}

@@ -234,6 +234,9 @@ def synthesize_cmd(
     n_per_mask: Annotated[int | None, typer.Option(help="Images generated per (edited) mask.")] = None,
     edits: Annotated[str | None, typer.Option(help="Comma-separated edits: none, flip, elastic, transplant.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    model: Annotated[
+        str | None, typer.Option(help="Registered generator (models:/<name>/<version>) instead of the config's runs.")
+    ] = None,
     device: DeviceOpt = None,
 ) -> None:
     """Synthesise image/mask pairs from real or edited masks into an augmented dataset with provenance."""
@@ -248,7 +251,10 @@ def synthesize_cmd(
         extra.append(f"synthesis.edits=[{edits}]")
     cfg = _load(config, extra)
     with progress_for(0, "synthesising") as prog:
-        out_json = stages.run_synthesize(cfg, out, overwrite=overwrite, progress=prog, device=device)
+        if model:
+            out_json = stages.synthesize_from_model(cfg, model, out, overwrite=overwrite, progress=prog, device=device)
+        else:
+            out_json = stages.run_synthesize(cfg, out, overwrite=overwrite, progress=prog, device=device)
     typer.echo(f"{out_json.get('n_images')} images -> {out_json['out_dir']} (manifest {out_json.get('manifest')})")
 
 
@@ -270,6 +276,42 @@ def validate_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = Non
     md = Path(out["report"]).with_name("validation_summary.md")
     if md.is_file():
         typer.echo(md.read_text())
+
+
+@app.command("ui")
+def ui_cmd(
+    config: Annotated[Path | None, typer.Argument(help="Config whose store to serve (default: the demo).")] = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Start the MLflow UI on loopback for the project's tracking store and print its address."""
+    import subprocess
+
+    cfg = _load(config or DEMO_CONFIG, [])
+    from medsynth.tracking.mlflow_store import artifact_location, tracking_uri
+
+    uri = tracking_uri(cfg)
+    if not uri.startswith("sqlite:"):
+        raise MedsynthError(f"{uri}: tracking points at a server already; open it in a browser")
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    art = artifact_location(cfg)
+    if art:
+        cmd += ["--default-artifact-root", art]
+    typer.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    subprocess.run(cmd, check=False, env=env)
 
 
 @app.command("run")

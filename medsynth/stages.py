@@ -232,6 +232,47 @@ def synthesis_key(cfg: MedsynthConfig) -> str:
     )
 
 
+def export_generator(cfg: MedsynthConfig) -> Path:
+    """Bundle the final generator checkpoints + config (what the registry stores as ``generator``)."""
+    from medsynth.synthesis.bundle import export_bundle
+
+    p = StagePaths.of(cfg)
+    runs = {"autoencoder": p.autoencoder, "unet": p.unet, "controlnet": p.controlnet}
+    return export_bundle(cfg, runs, p.root / "generator_bundle")
+
+
+def synthesize_from_model(
+    cfg: MedsynthConfig,
+    model_uri: str,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    tracker: Tracker | None = None,
+    progress: Progress | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Synthesise with a registered generator (``models:/<name>/<version>``) instead of local runs.
+
+    The networks come from the registered bundle; masks, edits and sampling from ``cfg``.
+    """
+    import torch
+
+    from medsynth.synthesis.bundle import load_bundle
+    from medsynth.synthesis.masks import load_masks, mask_vocabulary
+    from medsynth.synthesis.run import synthesize
+    from medsynth.tracking.mlflow_store import download_model, tracking_uri
+
+    p = StagePaths.of(cfg)
+    safe = model_uri.removeprefix("models:/").replace("/", "-")
+    bundle = download_model(model_uri, p.root / "registry" / safe, tracking_uri(cfg))
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = load_bundle(bundle, dev)
+    masks = load_masks(cfg, p.preprocess)
+    summary = synthesize(
+        cfg, gen, masks, out_dir, overwrite=overwrite, progress=progress, tracker=tracker, labels=mask_vocabulary(cfg)
+    )
+    return {**summary.to_json(), "model": model_uri}
+
+
 def run_synthesize(
     cfg: MedsynthConfig,
     out_dir: str | Path | None = None,

@@ -27,7 +27,12 @@ def ensure_dataset(cfg: MedsynthConfig) -> Path:
         p = cfg.phantom
         log.info("generating the phantom dataset (%dD, %d patients) in %s", p.dim, p.n, root)
         write_phantom_dataset(
-            root, dim=p.dim, n=p.n, seed=p.seed, size=p.size, slices_per_patient=p.slices_per_patient,
+            root,
+            dim=p.dim,
+            n=p.n,
+            seed=p.seed,
+            size=p.size,
+            slices_per_patient=p.slices_per_patient,
             lesion_probability=p.lesion_probability,
         )
     return root
@@ -40,6 +45,9 @@ def dataset_fingerprint(cfg: MedsynthConfig) -> str:
     """
     root = Path(cfg.data.root)
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    stats = [(str(p.relative_to(root)) if root.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns)
-             for p in files if p.exists()]
+    stats = [
+        (str(p.relative_to(root)) if root.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in files
+        if p.exists()
+    ]
     return sha256_json({"data": cfg.data.model_dump(mode="json"), "files": stats})
