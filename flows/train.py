@@ -45,7 +45,8 @@ def _train(
     with tracked_stage(cfg, stage, parent_run_id, section=section) as st:
         out = fn(cfg, tracker=st.tracker)
         st.tracker.log_metrics(numeric(out))
-        out["model_uri"] = st.register(network, out["checkpoint"])
+        # a stage skipped as up to date keeps its registered version; only new weights are registered
+        out["model_uri"] = None if out.get("cached") else st.register(network, out["checkpoint"])
         publish_summary(cfg, stage, out, st)
     return out
 
@@ -90,7 +91,8 @@ def generator_task(
     cfg = config_from_json(cfg_json)
     with tracked_stage(cfg, "generator", parent_run_id) as st:
         bundle = stages.export_generator(cfg)
-        out = {"bundle": str(bundle), "model_uri": st.register("generator", bundle)}
+        uri = None if upstream.get("cached") else st.register("generator", bundle)
+        out = {"bundle": str(bundle), "model_uri": uri, "cached": bool(upstream.get("cached"))}
         publish_summary(cfg, "generator", out, st)
     return out
 

@@ -21,7 +21,7 @@ def segmenter_task(cfg_json: dict[str, Any], parent_run_id: str | None = None) -
     with tracked_stage(cfg, "segmenter", parent_run_id, section="segmenter") as st:
         out = stages.run_segmenter(cfg, tracker=st.tracker)
         st.tracker.log_metrics(numeric(out))
-        out["model_uri"] = st.register("segmenter", out["checkpoint"])
+        out["model_uri"] = None if out.get("cached") else st.register("segmenter", out["checkpoint"])
         publish_summary(cfg, "segmenter", out, st)
     return out
 

@@ -137,6 +137,12 @@ def controlnet_key(cfg: MedsynthConfig) -> str:
     return sha256_json({"cn": _section(cfg, "controlnet"), "unet": _final_hashes(p.unet), "latents": _latents_sha(p)})
 
 
+def _is_cached(run_dir: Path, key: str | None) -> bool:
+    from medsynth.training.checkpoint import completed_checkpoint
+
+    return completed_checkpoint(run_dir, key) is not None
+
+
 def _latents_sha(p: StagePaths) -> str | None:
     f = p.latents / "train.json"
     return json.loads(f.read_text()).get("file_sha256") if f.is_file() else None
@@ -155,7 +161,8 @@ def run_autoencoder(
 
     p = StagePaths.of(cfg)
     ctx = StageContext.create(p.autoencoder, resume, tracker or NullTracker(), progress, device, autoencoder_key(cfg))
-    return summarize(train_autoencoder(cfg, p.preprocess, ctx))
+    cached = _is_cached(p.autoencoder, ctx.input_key)
+    return {**summarize(train_autoencoder(cfg, p.preprocess, ctx)), "cached": cached}
 
 
 def run_encode(cfg: MedsynthConfig, device: str | None = None) -> dict[str, Any]:
@@ -199,7 +206,8 @@ def run_unet(
 
     p = StagePaths.of(cfg)
     ctx = StageContext.create(p.unet, resume, tracker or NullTracker(), progress, device, unet_key(cfg))
-    return summarize(train_diffusion(cfg, p.latents, ctx, ae_run=p.autoencoder))
+    cached = _is_cached(p.unet, ctx.input_key)
+    return {**summarize(train_diffusion(cfg, p.latents, ctx, ae_run=p.autoencoder)), "cached": cached}
 
 
 def run_controlnet(
@@ -216,7 +224,8 @@ def run_controlnet(
 
     p = StagePaths.of(cfg)
     ctx = StageContext.create(p.controlnet, resume, tracker or NullTracker(), progress, device, controlnet_key(cfg))
-    return summarize(train_controlnet(cfg, p.latents, p.unet, ctx, ae_run=p.autoencoder))
+    cached = _is_cached(p.controlnet, ctx.input_key)
+    return {**summarize(train_controlnet(cfg, p.latents, p.unet, ctx, ae_run=p.autoencoder)), "cached": cached}
 
 
 def synthesis_key(cfg: MedsynthConfig) -> str:
@@ -358,7 +367,8 @@ def run_segmenter(
 
     p = StagePaths.of(cfg)
     ctx = StageContext.create(p.segmenter, resume, tracker or NullTracker(), progress, device, segmenter_key(cfg))
-    return summarize(train_segmenter(cfg, p.preprocess, ctx))
+    cached = _is_cached(p.segmenter, ctx.input_key)
+    return {**summarize(train_segmenter(cfg, p.preprocess, ctx)), "cached": cached}
 
 
 def run_features(
@@ -380,7 +390,8 @@ def run_features(
 
     p = StagePaths.of(cfg)
     ctx = StageContext.create(p.features, resume, tracker or NullTracker(), progress, device, features_key(cfg))
-    return summarize(train_feature_encoder(cfg, p.preprocess, ctx))
+    cached = _is_cached(p.features, ctx.input_key)
+    return {**summarize(train_feature_encoder(cfg, p.preprocess, ctx)), "cached": cached}
 
 
 def run_validate(

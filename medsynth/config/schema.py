@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from medsynth.config.base import StrictModel
 from medsynth.config.data import DataConfig
 from medsynth.config.evaluation import SegmenterConfig, ValidationConfig
+from medsynth.config.experiment import ExperimentConfig
 from medsynth.config.preprocess import PreprocessConfig, QCConfig
 from medsynth.config.stages import AutoencoderStage, ControlNetStage, DiffusionStage, SamplingConfig
 from medsynth.config.synthesis import SynthesisConfig
@@ -51,6 +52,7 @@ class MedsynthConfig(StrictModel):
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)  # type: ignore[arg-type]
     segmenter: SegmenterConfig = Field(default_factory=SegmenterConfig)  # type: ignore[arg-type]
     validation: ValidationConfig = Field(default_factory=ValidationConfig)  # type: ignore[arg-type]
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _synthesis_fits(self) -> Self:

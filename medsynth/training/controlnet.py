@@ -137,10 +137,10 @@ def train_controlnet(
             ema.update_parameters(cn)
         # --- logging, validation, checkpoints ---
         done = step + 1
-        ctx.progress.advance(1, f"loss={float(loss):.4f}")
-        timer.tick(done, {"loss": float(loss)})
+        ctx.progress.advance(1, f"loss={loss.item():.4f}")
+        timer.tick(done, {"loss": loss.item()})
         if ctx.dist.is_main and (done % 10 == 0 or done == oc.steps):
-            ctx.tracker.log_metrics({"controlnet/train_loss": float(loss)}, step=done)
+            ctx.tracker.log_metrics({"controlnet/train_loss": loss.item()}, step=done)
         if ctx.dist.is_main and (done % oc.val_every == 0 or done == oc.steps):
             metrics = {"val_loss": _ema_val_loss(controlled, ema, objective, val, oc.batch_size, oc.val_batches, dev)}
             ctx.tracker.log_metrics({"controlnet/val_loss": metrics["val_loss"]}, step=done)

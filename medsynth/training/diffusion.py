@@ -97,10 +97,10 @@ def train_diffusion(
             ema.update_parameters(unet)
         # --- logging, validation, checkpoints ---
         done = step + 1
-        ctx.progress.advance(1, f"loss={float(loss):.4f}")
-        timer.tick(done, {"loss": float(loss)})
+        ctx.progress.advance(1, f"loss={loss.item():.4f}")
+        timer.tick(done, {"loss": loss.item()})
         if ctx.dist.is_main and (done % 10 == 0 or done == oc.steps):
-            ctx.tracker.log_metrics({"unet/train_loss": float(loss)}, step=done)
+            ctx.tracker.log_metrics({"unet/train_loss": loss.item()}, step=done)
         if ctx.dist.is_main and (done % oc.val_every == 0 or done == oc.steps):
             eval_net = ema.module if ema is not None else unet
             vl = validation_loss(

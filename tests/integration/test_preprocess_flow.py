@@ -1,26 +1,11 @@
-"""The Prefect preprocessing flow on a tiny phantom (the only module that starts a Prefect test server)."""
+"""The Prefect preprocessing flow on a tiny phantom."""
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
-
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-
-@pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    """A temporary Prefect API (slow to start: one per session, used by this module only)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 def test_preprocess_flow_on_phantom(prefect_harness: None, tmp_path: Path) -> None:

@@ -1,0 +1,187 @@
+"""The downstream augmentation experiment: does adding synthetic data help a task network trained on little real data?
+
+A grid of cells ``(arm, fraction, ratio, seed)``. Each cell trains a task network from scratch on a
+patient-level fraction of the real training split (plus synthetic images, for some arms) and is
+evaluated on the fixed patient-level test split:
+
+* 2D (``task`` auto → ``presence``): a MONAI classifier predicts whether the target label (the
+  lesion/tumour) is present in an image; AUROC, balanced accuracy and F1.
+* 3D (``task`` auto → ``segmentation``): the reference segmenter's UNet (``segmenter`` section) is
+  trained on the cell's data; mean foreground Dice.
+
+Arms: ``real`` (the real subset; with ratio r > 0 plus r synthetic images per real image),
+``real_classical`` (the real subset with classical MONAI augmentation, ratio 0 only) and
+``synthetic_only`` (r synthetic images per real image of the subset, the real images themselves
+left out; ratios >= 1 only). Synthetic images come from a pool generated once per training mask
+(see :mod:`medsynth.evaluation.experiment`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Self
+
+from pydantic import Field, field_validator, model_validator
+
+from medsynth.config.base import StrictModel
+from medsynth.config.stages import SamplingConfig
+from medsynth.config.synthesis import parse_edit
+from medsynth.config.training import OptimConfig
+
+Arm = Literal["real", "real_classical", "synthetic_only"]
+ARMS: tuple[Arm, ...] = ("real", "real_classical", "synthetic_only")
+"""Arms of the grid: real (+ synthetic at ratio r), real with classical augmentation, synthetic only."""
+
+
+class ClassifierOptimConfig(OptimConfig):
+    """Optimisation of the presence classifier (sized for a CPU: a small ResNet, a few hundred steps)."""
+
+    steps: int = Field(400, ge=1, description="Optimiser steps per cell.")
+    batch_size: int = Field(32, ge=1, description="Batch size.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear learning-rate warm-up steps.")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="Unused by the classifier (no EMA); keep None.")
+    val_every: int = Field(400, ge=1, description="Unused by the classifier (no periodic validation).")
+    ckpt_every: int = Field(400, ge=1, description="Unused by the classifier (cells are not checkpointed).")
+
+
+class ExperimentConfig(StrictModel):
+    """Downstream augmentation experiment (real-data fraction x synthetic:real ratio x seed)."""
+
+    task: Literal["auto", "presence", "segmentation"] = Field(
+        "auto",
+        description="'presence': classify whether target_label is present in an image; 'segmentation': train "
+        "the segmenter's UNet and report mean foreground Dice; 'auto': presence for 2D, segmentation for 3D.",
+    )
+    target_label: int | None = Field(
+        None,
+        ge=1,
+        description="Presence task: the label whose presence is classified; None = the highest label named "
+        "like a lesion/tumour, else the highest label.",
+    )
+    min_target_voxels: int = Field(
+        1, ge=1, description="Presence task: an image is positive when its mask holds at least this many target voxels."
+    )
+    fractions: list[float] = Field(
+        default_factory=lambda: [0.05, 0.10, 0.25, 0.50, 1.0],
+        description="Fractions of the training PATIENTS used as real data (nested: for one seed, a smaller "
+        "fraction's patients are a subset of a larger one's). Sorted ascending.",
+    )
+    ratios: list[int] = Field(
+        default_factory=lambda: [0, 1, 2, 5],
+        description="Synthetic:real ratios (synthetic images per real image of the cell). Sorted ascending.",
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2],
+        description="Seeds per cell (patient subset, synthetic draw, initialisation, batch order).",
+    )
+    arms: list[Arm] = Field(
+        default_factory=lambda: list(ARMS),
+        description="'real' (ratio r > 0: real + synthetic), 'real_classical' (real + classical MONAI "
+        "augmentation, ratio 0 only), 'synthetic_only' (ratio x n_real synthetic images of the subset's "
+        "masks and no real image; ratios >= 1 only).",
+    )
+    classifier: Literal["resnet10", "densenet121"] = Field(
+        "resnet10",
+        description="Presence classifier, trained from scratch (never pretrained): 'resnet10' = MONAI ResNet "
+        "with basic blocks [1, 1, 1, 1] and widths resnet_widths; 'densenet121' = MONAI DenseNet121.",
+    )
+    resnet_widths: tuple[int, int, int, int] = Field(
+        (16, 32, 64, 128), description="'resnet10': channels of its four stages (MONAI's resnet10 uses 64..512)."
+    )
+    resnet_conv1_stride: int = Field(2, ge=1, le=4, description="'resnet10': stride of the first convolution.")
+    balance: Literal["pos_weight", "sampler", "none"] = Field(
+        "pos_weight",
+        description="Class imbalance: 'pos_weight' = BCE positive weight n_neg/n_pos; 'sampler' = each batch "
+        "drawn with equal probability from both classes; 'none'.",
+    )
+    train: ClassifierOptimConfig = Field(default_factory=ClassifierOptimConfig)  # type: ignore[arg-type]
+    segmenter_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Segmentation task: optimiser steps per cell (None: segmenter.train.steps; the other "
+        "optimiser settings always come from segmenter.train).",
+    )
+    augment_rotate_deg: float = Field(10.0, ge=0, description="Classical augmentation: largest rotation (degrees).")
+    augment_scale: float = Field(0.1, ge=0, lt=1, description="Classical augmentation: largest relative zoom.")
+    augment_noise_std: float = Field(0.03, ge=0, description="Classical augmentation: Gaussian noise std.")
+    augment_intensity: float = Field(0.1, ge=0, lt=1, description="Classical augmentation: intensity scale +/-.")
+    augment_prob: float = Field(0.5, ge=0, le=1, description="Classical augmentation: probability of each transform.")
+    synthetic_pool_per_mask: int | None = Field(
+        None,
+        ge=0,
+        description="Synthetic variants generated per training mask (None: the largest ratio). A cell needing "
+        "more than its patients' pool holds draws with replacement (recorded per cell).",
+    )
+    pool_edits: list[str] = Field(
+        default_factory=lambda: ["none", "elastic", "flip", "flip+elastic"],
+        description="Mask edit of pool variant k: pool_edits[k % len] ('none', 'flip', 'elastic' or a '+' "
+        "chain; elastic parameters from the synthesis section). 'transplant' is not allowed: it would paste "
+        "lesions of other patients.",
+    )
+    pool_sampling: SamplingConfig | None = Field(
+        None, description="Sampler settings of the pool (None: the top-level 'sampling' section)."
+    )
+    predict_batch_size: int = Field(64, ge=1, description="Images per forward pass at evaluation.")
+    n_bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples of TEST PATIENTS per interval.")
+    ci: float = Field(0.95, gt=0, lt=1, description="Confidence level of the percentile bootstrap intervals.")
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap resampling.")
+    max_eval_items: int | None = Field(
+        None, ge=1, description="Evaluate on the first N test (and validation) items only (quick runs); None: all."
+    )
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_ok(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("fractions must hold at least one fraction")
+        bad = [f for f in value if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"fractions must lie in (0, 1], got {bad}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"fractions lists a value twice: {value}")
+        return sorted(value)
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_ok(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("ratios must hold at least one ratio (0 = real only)")
+        if any(r < 0 for r in value) or len(set(value)) != len(value):
+            raise ValueError(f"ratios must be distinct integers >= 0, got {value}")
+        return sorted(value)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_ok(cls, value: list[int]) -> list[int]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {value}")
+        return value
+
+    @field_validator("arms")
+    @classmethod
+    def _arms_ok(cls, value: list[Arm]) -> list[Arm]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"arms must be a non-empty list of distinct arms from {list(ARMS)}, got {value}")
+        return value
+
+    @field_validator("pool_edits")
+    @classmethod
+    def _edits_ok(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("pool_edits must name at least one edit (['none'] keeps the masks)")
+        out = ["+".join(parse_edit(v)) for v in value]
+        if any("transplant" in v for v in out):
+            raise ValueError("pool_edits cannot use 'transplant' (it pastes lesions of other patients)")
+        return out
+
+    @model_validator(mode="after")
+    def _grid_ok(self) -> Self:
+        if "synthetic_only" in self.arms and max(self.ratios) < 1:
+            raise ValueError("arm 'synthetic_only' needs a ratio >= 1 in ratios")
+        return self
+
+    @property
+    def pool_per_mask(self) -> int:
+        """Variants generated per training mask: ``synthetic_pool_per_mask`` or the largest ratio."""
+        return self.synthetic_pool_per_mask if self.synthetic_pool_per_mask is not None else max(self.ratios)

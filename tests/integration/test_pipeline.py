@@ -1,0 +1,175 @@
+"""The whole pipeline flow on a tiny phantom: stages, caching, MLflow structure, registry round trip,
+and the same pipeline reporting to a real ``mlflow server`` over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+STAGES = {
+    "check",
+    "preprocess",
+    "autoencoder",
+    "latents",
+    "unet",
+    "controlnet",
+    "generator",
+    "synthesize",
+    "segmenter",
+    "features",
+    "validate",
+}
+NETWORKS = {"autoencoder", "unet", "controlnet", "generator", "segmenter"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory, pipeline_config: Any) -> dict[str, Any]:
+    """Run the tiny pipeline twice (the second time everything is cached)."""
+    from flows.pipeline import pipeline_flow
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg_path = _write(root / "tiny.yaml", pipeline_config(root))
+    t0 = time.monotonic()
+    first = pipeline_flow(str(cfg_path), [])
+    t1 = time.monotonic()
+    second = pipeline_flow(str(cfg_path), [])
+    t2 = time.monotonic()
+    return {"root": root, "cfg": cfg_path, "first": first, "second": second, "t_first": t1 - t0, "t_second": t2 - t1}
+
+
+def _write(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _artifacts(client: Any, run_id: str, path: str = "") -> list[str]:
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += _artifacts(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+def _check_store(client: Any, experiment: str, parent_id: str) -> None:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    by_id = {r.info.run_id: r for r in runs}
+    parent = by_id[parent_id]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["autoencoder.train.steps"] == "4"  # flattened resolved config
+    children = {r.data.tags["medsynth.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
+    assert set(children) == STAGES
+    ae = children["autoencoder"]
+    assert len(client.get_metric_history(ae.info.run_id, "ae/train_loss")) >= 1  # metrics with steps
+    assert "ae/val_psnr" in ae.data.metrics
+    assert any(a.endswith(".png") for a in _artifacts(client, ae.info.run_id, "samples"))
+    assert any(a.endswith("config.resolved.yaml") for a in _artifacts(client, ae.info.run_id, "config"))
+    qc = _artifacts(client, children["check"].info.run_id)
+    assert {"qc/qc_report.json", "qc/qc_summary.md", "qc/qc_overlays.png"} <= set(qc)
+    val = _artifacts(client, children["validate"].info.run_id)
+    assert "validation/validation_report.json" in val and "validation/closest_pairs.png" in val
+    assert "val/lesion_dice_synth" in children["validate"].data.metrics
+    assert children["preprocess"].inputs.dataset_inputs  # the data the run saw, with its digest
+    assert children["preprocess"].inputs.dataset_inputs[0].dataset.digest
+    names = {m.name for m in client.search_registered_models()}
+    assert {f"medsynth-{experiment}-{n}" for n in NETWORKS} <= names
+
+
+def test_pipeline_runs_every_stage_and_tracks_it(tiny_run: dict[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    first = tiny_run["first"]
+    assert not first["train"]["autoencoder"]["cached"]
+    assert first["validate"]["validate"]["report"].endswith("validation_report.json")
+    db = tiny_run["root"] / "out" / "mlflow.db"
+    _check_store(MlflowClient(f"sqlite:///{db}"), "tiny", first["mlflow_parent_run"])
+
+
+def test_rerun_is_cached_and_trains_nothing(tiny_run: dict[str, Any]) -> None:
+    second = tiny_run["second"]
+    for stage in ("autoencoder", "unet", "controlnet"):
+        assert second["train"][stage]["cached"], stage
+    assert second["train"]["latents"]["cached"]
+    assert second["synthesize"]["cached"] and second["validate"]["validate"]["cached"]
+    assert second["validate"]["segmenter"]["cached"] and second["preprocess"]["n_processed"] == 0
+    assert tiny_run["t_second"] < tiny_run["t_first"]
+
+
+def test_registered_generator_reproduces_images(tiny_run: dict[str, Any], tmp_path: Path) -> None:
+    from medsynth import stages
+    from medsynth.config import load_config
+    from medsynth.data.io import read_image
+
+    cfg = load_config(tiny_run["cfg"])
+    uri = tiny_run["first"]["train"]["generator"]["model_uri"]
+    assert uri and uri.startswith("models:/medsynth-tiny-generator/")
+    a = stages.synthesize_from_model(cfg, uri, tmp_path / "from_model")
+    b = stages.run_synthesize(cfg, tmp_path / "from_runs")
+    files_a = sorted((Path(a["out_dir"]) / "images").iterdir())
+    files_b = sorted((Path(b["out_dir"]) / "images").iterdir())
+    assert [f.name for f in files_a] == [f.name for f in files_b] and files_a
+    for fa, fb in zip(files_a, files_b, strict=True):
+        np.testing.assert_array_equal(read_image(fa).array, read_image(fb).array)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_pipeline_reports_to_a_real_mlflow_server(prefect_harness: None, tmp_path: Path, pipeline_config: Any) -> None:
+    """A real `mlflow server` on loopback; the pipeline logs over HTTP; the client reads it back."""
+    from mlflow import MlflowClient
+
+    from flows.pipeline import pipeline_flow
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                client.search_experiments()
+                break
+            except Exception:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+        cfg = pipeline_config(tmp_path, name="tinyhttp", tracking={"uri": uri})
+        out = pipeline_flow(str(_write(tmp_path / "http.yaml", cfg)), [])
+        _check_store(client, "tinyhttp", out["mlflow_parent_run"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
