@@ -28,3 +28,24 @@ def publish_summary(cfg: MedsynthConfig, stage: str, summary: dict[str, Any], tr
 def numeric(summary: dict[str, Any]) -> dict[str, float]:
     """The numeric entries of a summary (to log as metrics)."""
     return {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def task_runner(cfg: MedsynthConfig) -> Any:
+    """The Prefect task runner the config asks for (threads, or Dask through prefect-dask)."""
+    oc = cfg.orchestration
+    if oc.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if oc.dask_address:
+            return DaskTaskRunner(address=oc.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": oc.max_workers,
+                "threads_per_worker": oc.threads_per_worker,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=oc.max_workers)

@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.common import task_runner
 from flows.preprocess import preprocess_flow
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
@@ -28,7 +29,8 @@ def pipeline_flow(config_path: str, overrides: list[str] | None = None) -> dict[
     parent = start_pipeline(cfg)
     out: dict[str, Any] = {"mlflow_parent_run": parent}
     try:
-        out["preprocess"] = preprocess_flow(config_path, overrides or [], parent_run_id=parent)
+        pre = preprocess_flow.with_options(task_runner=task_runner(cfg))
+        out["preprocess"] = pre(config_path, overrides or [], parent_run_id=parent)
         out["train"] = train_flow(cfg_json, parent)
         out["synthesize"] = synthesize_flow(cfg_json, parent_run_id=parent)
         out["validate"] = validate_flow(cfg_json, parent)

@@ -10,6 +10,7 @@ from medsynth.config.base import StrictModel
 from medsynth.config.data import DataConfig
 from medsynth.config.evaluation import SegmenterConfig, ValidationConfig
 from medsynth.config.experiment import ExperimentConfig
+from medsynth.config.orchestration import OrchestrationConfig
 from medsynth.config.preprocess import PreprocessConfig, QCConfig
 from medsynth.config.stages import AutoencoderStage, ControlNetStage, DiffusionStage, SamplingConfig
 from medsynth.config.synthesis import SynthesisConfig
@@ -49,6 +50,7 @@ class MedsynthConfig(StrictModel):
     controlnet: ControlNetStage = Field(default_factory=ControlNetStage)  # type: ignore[arg-type]
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)  # type: ignore[arg-type]
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # type: ignore[arg-type]
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)  # type: ignore[arg-type]
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)  # type: ignore[arg-type]
     segmenter: SegmenterConfig = Field(default_factory=SegmenterConfig)  # type: ignore[arg-type]
     validation: ValidationConfig = Field(default_factory=ValidationConfig)  # type: ignore[arg-type]

@@ -789,6 +789,8 @@ def run_grid(
     test_e = _eval_subset(test, ec.max_eval_items)
     val_e = _eval_subset(val, ec.max_eval_items)
     assert test_e is not None
+    # fail fast, before any training: every cell draws from these patients (checked again per cell)
+    check_no_leak(train.patients, test.patients, "test")
     if pool is not None:
         check_no_leak(pool.source_patients, test.patients, "test")
     target = resolve_target_label(train.labels, ec.target_label) if task == "presence" else None
