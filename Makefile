@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup demo test test-all lint format bench whitepaper clean
+.PHONY: setup demo test test-all lint format docs bench whitepaper clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: setup  ## ruff + mypy
 	$(VENV)/bin/ruff check medsynth flows tests
 	$(VENV)/bin/ruff format --check medsynth flows
 	$(VENV)/bin/mypy medsynth
+
+docs: setup  ## regenerate the generated references (CLI, configuration)
+	$(VENV)/bin/typer medsynth.cli utils docs --name medsynth --output docs/cli.md
+	$(VENV)/bin/medsynth config reference --out docs/configuration.md
 
 format: setup
 	$(VENV)/bin/ruff format medsynth flows tests
