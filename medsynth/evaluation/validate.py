@@ -63,6 +63,9 @@ def _summary_md(cfg: MedsynthConfig, rep: dict[str, Any]) -> str:
         f"Test items: {rep['n_items']} from {rep['n_patients']} patients; "
         f"sampler {cfg.sampling.sampler} x{cfg.sampling.steps}, guidance {cfg.sampling.guidance_scale}.",
         "",
+        f"Autoencoder on the test split: PSNR {rep['autoencoder']['psnr_db']:.2f} dB, "
+        f"SSIM {rep['autoencoder']['ssim']:.3f}.",
+        "",
         "## Plausibility (segmenter trained on real data)",
         "",
         "| label | Dice real | Dice synthetic | ratio synth/real | FP rate real | FP rate synth |",
@@ -129,6 +132,9 @@ def run_validation(
     test = load_split(cache_dir, "test", max_items=vc.max_cases)
     train = load_split(cache_dir, "train")
     labels = test.labels
+
+    # --- autoencoder reconstruction quality on the test split (the ceiling of any synthetic image) ---
+    ae_quality = reconstruction_quality(gen, test.images)
 
     # --- synthetic images from the test masks ---
     synth = generate_for(gen, test.masks, cfg, seed=vc.seed, progress=progress)
@@ -225,6 +231,7 @@ def run_validation(
         "n_patients": len(set(test.patients)),
         "labels": {str(k): v for k, v in labels.items()},
         "sampling": cfg.sampling.model_dump(mode="json"),
+        "autoencoder": ae_quality,
         "plausibility": plaus,
         "realism": realism,
         "intensity_wasserstein": wass,
@@ -237,6 +244,18 @@ def run_validation(
     for f in [*figs, out / REPORT_JSON, out / REPORT_MD]:
         tr.log_artifact(f, "validation")
     return report
+
+
+@torch.no_grad()
+def reconstruction_quality(gen: MaskGenerator, images: torch.Tensor) -> dict[str, float]:
+    """PSNR (dB) and SSIM of the autoencoder's deterministic reconstructions of ``images`` (N, 1, *S) in [0, 1]."""
+    from monai.metrics import SSIMMetric
+
+    from medsynth.training.autoencoder import psnr, reconstruct
+
+    rec = reconstruct(gen.ae, images, gen.device)
+    ssim = SSIMMetric(spatial_dims=images.ndim - 2, data_range=1.0)(rec, images.float())
+    return {"psnr_db": psnr(rec, images), "ssim": float(ssim.mean()), "l1": float((rec - images).abs().mean())}
 
 
 def _sample_panel(path: Path, test: ArraySet, synth: torch.Tensor, n: int = 8) -> Path:
@@ -262,6 +281,8 @@ def flat_metrics(rep: dict[str, Any]) -> dict[str, float]:
             v = r.get(key, {}).get("value")
             if v is not None:
                 m[f"val/{name}_{key}"] = float(v)
+    m["val/ae_psnr_db"] = float(rep["autoencoder"]["psnr_db"])
+    m["val/ae_ssim"] = float(rep["autoencoder"]["ssim"])
     m["val/fid_in_domain"] = float(rep["realism"]["fid"])
     m["val/kid_in_domain"] = float(rep["realism"]["kid_mean"])
     m["val/diversity"] = float(rep["diversity"]["mean"])
