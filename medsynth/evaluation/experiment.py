@@ -798,6 +798,8 @@ def run_grid(
     cells_path = out / CELLS_FILE
     done = _read_cells(cells_path, key)
     cells = grid_cells(cfg)
+    if pool is None and any(c.ratio > 0 for c in cells):
+        raise ValueError("the grid has cells with synthetic data (ratio > 0) but no pool was given; run make_pool")
     trained: list[str] = []
     skipped: list[str] = []
     y_test = presence_labels(test_e.masks, target, ec.min_target_voxels) if target is not None else None
