@@ -1,4 +1,5 @@
-"""The full pipeline: check → preprocess → train (AE → latents → UNet → ControlNet) → synthesise → validate.
+"""The full pipeline: check → preprocess → train (AE → latents → UNet → ControlNet) → synthesise → validate
+→ downstream experiment.
 
 Stages pass paths, summaries and MLflow run ids, never arrays. The pipeline owns one MLflow parent
 run; every stage records a nested run under it.
@@ -12,6 +13,7 @@ from typing import Any
 from prefect import flow
 
 from flows.common import task_runner
+from flows.experiment import run_experiment_flow
 from flows.preprocess import preprocess_flow
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
@@ -34,6 +36,7 @@ def pipeline_flow(config_path: str, overrides: list[str] | None = None) -> dict[
         out["train"] = train_flow(cfg_json, parent)
         out["synthesize"] = synthesize_flow(cfg_json, parent_run_id=parent)
         out["validate"] = validate_flow(cfg_json, parent)
+        out["experiment"] = run_experiment_flow(cfg_json, parent)
     except BaseException:
         finish_pipeline(cfg, parent, "FAILED")
         raise

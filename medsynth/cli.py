@@ -278,6 +278,20 @@ def validate_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = Non
         typer.echo(md.read_text())
 
 
+@app.command("experiment")
+def experiment_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = None) -> None:
+    """Downstream augmentation grid: a classifier on limited real data, with and without synthetic data,
+    over real-data fractions, synthetic ratios and seeds (needs the trained generator)."""
+    from medsynth import stages
+    from medsynth.evaluation.experiment import grid_cells
+    from medsynth.progress import progress_for
+
+    cfg = _load(config, set_)
+    with progress_for(len(grid_cells(cfg)), "experiment grid") as prog:
+        out = stages.run_experiment(cfg, progress=prog, device=device)
+    typer.echo(Path(out["summary_md"]).read_text())
+
+
 @app.command("ui")
 def ui_cmd(
     config: Annotated[Path | None, typer.Argument(help="Config whose store to serve (default: the demo).")] = None,

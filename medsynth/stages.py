@@ -416,3 +416,48 @@ def run_validate(
     rep = run_validation(cfg, gen, p.preprocess, p.segmenter, features_run, p.validation, tracker, progress)
     write_json_atomic(stamp, {"key": key})
     return {"report": str(report_file), "cached": False, **flat_metrics(rep)}
+
+
+def run_experiment(
+    cfg: MedsynthConfig,
+    tracker_factory: Any = None,
+    cell_map: Any = None,
+    progress: Progress | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """The downstream augmentation grid: synthetic pool from training masks, then every cell.
+
+    Cells already recorded in ``experiment/cells.jsonl`` with the same grid key are not retrained.
+    """
+    import torch
+
+    from medsynth.data.dataset import load_split
+    from medsynth.errors import DataError
+    from medsynth.evaluation.experiment import grid_cells, make_pool, run_grid
+    from medsynth.synthesis.generator import load_generator
+
+    p = StagePaths.of(cfg)
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train = load_split(p.preprocess, "train")
+    test = load_split(p.preprocess, "test")
+    try:
+        val = load_split(p.preprocess, "val")
+    except DataError:
+        val = None
+    pool = None
+    if any(c.ratio > 0 for c in grid_cells(cfg)):
+        gen = load_generator(cfg, p.autoencoder, p.unet, p.controlnet, dev)
+        pool = make_pool(gen, train, cfg, p.experiment / "pool", progress)
+    res = run_grid(cfg, train, val, test, pool, p.experiment, tracker_factory, progress, dev, cell_map)
+    return {
+        "task": res.task,
+        "metric": res.metric,
+        "n_cells": len(res.cells),
+        "n_trained": len(res.trained),
+        "n_skipped": len(res.skipped),
+        "summary_md": str(res.summary_md),
+        "summary_csv": str(res.summary_csv),
+        "plot": str(res.plot),
+        "cells": str(res.cells_path),
+        "cached": not res.trained,
+    }

@@ -748,6 +748,18 @@ def _eval_subset(data: ArraySet | None, max_items: int | None) -> ArraySet | Non
     return data.subset(list(range(max_items)))
 
 
+CellMap = Callable[[Callable[["Cell"], dict[str, Any]], list["Cell"], Callable[[dict[str, Any]], None]], None]
+"""How grid cells are executed: ``cell_map(work, cells, on_done)``."""
+
+
+def sequential_map(
+    work: Callable[[Cell], dict[str, Any]], cells: list[Cell], on_done: Callable[[dict[str, Any]], None]
+) -> None:
+    """Run cells one after another in this process (the default :data:`CellMap`)."""
+    for cell in cells:
+        on_done(work(cell))
+
+
 def run_grid(
     cfg: MedsynthConfig,
     train: ArraySet,
@@ -758,6 +770,7 @@ def run_grid(
     tracker_factory: TrackerFactory | None = None,
     progress: Progress | None = None,
     device: torch.device | None = None,
+    cell_map: CellMap | None = None,
 ) -> GridResult:
     """Train and evaluate every cell of the grid; write ``cells.jsonl``, ``summary.csv``/``.md`` and the plot.
 
@@ -772,6 +785,9 @@ def run_grid(
             cell's tracker; the cell's params, counts and test metrics are logged to it.
         progress: Advanced once per cell (trained or skipped).
         device: Training device (default CPU).
+        cell_map: ``cell_map(work, cells, on_done)`` runs ``work(cell)`` for every cell and calls
+            ``on_done(record)`` as each finishes (in the calling process). Default: one after
+            another here; an orchestrator passes one that fans cells out (threads, Dask, ...).
 
     Returns:
         A :class:`GridResult`.
@@ -804,17 +820,15 @@ def run_grid(
     skipped: list[str] = []
     y_test = presence_labels(test_e.masks, target, ec.min_target_voxels) if target is not None else None
     y_val = presence_labels(val_e.masks, target, ec.min_target_voxels) if target is not None and val_e else None
-    for cell in cells:
-        if cell.name in done:
-            skipped.append(cell.name)
-            progress.advance(1, f"{cell.name} (recorded)")
-            continue
+    factory = tracker_factory or (lambda _n, _p: contextlib.nullcontext(NullTracker()))
+
+    def work(cell: Cell) -> dict[str, Any]:
+        """Train and evaluate one cell (runs wherever ``cell_map`` sends it)."""
         data = select_cell(train, pool, cell.fraction, cell.ratio, cell.seed, cell.arm)
         check_no_leak(data, test.patients, "test")
         if val is not None and task == "presence":  # the validation split picks the Youden threshold
             check_no_leak(data, val.patients, "validation")
         params = {**cell.params(), "task": task}
-        factory = tracker_factory or (lambda _n, _p: contextlib.nullcontext(NullTracker()))
         t0 = time.monotonic()
         with factory(cell.name, params) as tracker:
             tracker.log_params({**params, **data.info(), **({"target_label": target} if target else {})})
@@ -826,10 +840,21 @@ def run_grid(
             tracker.log_metrics({f"test_{k}": v for k, v in rec["metrics"].items() if v is not None})
         rec = {"cell": cell.name, "key": key, **cell.params(), "task": task, **data.info(), **rec}
         rec["seconds"] = round(time.monotonic() - t0, 3)
+        return rec
+
+    def on_done(rec: dict[str, Any]) -> None:
+        """Record a finished cell at once (so an interrupted grid resumes after it)."""
         _append_cell(cells_path, rec)
-        done[cell.name] = rec
-        trained.append(cell.name)
-        progress.advance(1, cell.name)
+        done[rec["cell"]] = rec
+        trained.append(rec["cell"])
+        progress.advance(1, rec["cell"])
+
+    for cell in cells:
+        if cell.name in done:
+            skipped.append(cell.name)
+            progress.advance(1, f"{cell.name} (recorded)")
+    todo = [c for c in cells if c.name not in done]
+    (cell_map or sequential_map)(work, todo, on_done)
     records = [done[c.name] for c in cells]
     summary = summarise(records, test_e, task, cfg, target)
     metric = "auroc" if task == "presence" else "dice"

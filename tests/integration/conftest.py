@@ -79,6 +79,13 @@ def tiny_pipeline_config(root: Path, **extra: Any) -> dict[str, Any]:
             "max_cases": 6,
             "features": {"channels": [8, 16], "train": {**opt, "steps": 4}},
         },
+        "experiment": {
+            "fractions": [0.5, 1.0],
+            "ratios": [0, 1],
+            "seeds": [0],
+            "n_bootstrap": 20,
+            "train": {**opt, "steps": 4, "batch_size": 8},
+        },
     }
     cfg.update(extra)
     return cfg

@@ -67,6 +67,12 @@ def _check_store(client: Any, experiment: str, parent_id: str) -> None:
     assert parent.data.params["autoencoder.train.steps"] == "4"  # flattened resolved config
     children = {r.data.tags["medsynth.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
     assert set(children) == STAGES
+    exp_id = children["experiment"].info.run_id
+    cells = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == exp_id]
+    assert cells and all(r.data.tags["medsynth.stage"] == "experiment-cell" for r in cells)
+    assert {"fraction", "ratio", "seed", "arm"} <= set(cells[0].data.params)
+    assert "test_auroc" in cells[0].data.metrics
+    assert any(a.endswith("_vs_fraction.png") for a in _artifacts(client, exp_id))
     ae = children["autoencoder"]
     assert len(client.get_metric_history(ae.info.run_id, "ae/train_loss")) >= 1  # metrics with steps
     assert "ae/val_psnr" in ae.data.metrics
@@ -100,6 +106,7 @@ def test_rerun_is_cached_and_trains_nothing(tiny_run: dict[str, Any]) -> None:
     assert second["train"]["latents"]["cached"]
     assert second["synthesize"]["cached"] and second["validate"]["validate"]["cached"]
     assert second["validate"]["segmenter"]["cached"] and second["preprocess"]["n_processed"] == 0
+    assert second["experiment"]["n_trained"] == 0 and second["experiment"]["n_skipped"] > 0
     assert tiny_run["t_second"] < tiny_run["t_first"]
 
 
@@ -173,3 +180,16 @@ def test_pipeline_reports_to_a_real_mlflow_server(prefect_harness: None, tmp_pat
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_experiment_grid_fans_out_on_a_local_dask_cluster(tiny_run: dict[str, Any]) -> None:
+    """New grid cells (another seed) run as Prefect tasks on a local Dask cluster (prefect-dask)."""
+    from flows.experiment import run_experiment_flow
+    from medsynth.config import load_config
+
+    cfg = load_config(
+        tiny_run["cfg"], ["experiment.seeds=[0,1]", "orchestration.task_runner=dask", "orchestration.max_workers=2"]
+    )
+    out = run_experiment_flow(cfg.model_dump(mode="json"), None)
+    assert out["n_trained"] > 0  # the seed-1 cells, on Dask
+    assert out["n_skipped"] > 0  # the seed-0 cells recorded by the pipeline run

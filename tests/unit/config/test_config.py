@@ -16,7 +16,9 @@ from medsynth.errors import ConfigError
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
-@pytest.mark.parametrize("name", ["lgg-2d.yaml", "lgg-2d-128.yaml", "hippocampus-3d.yaml", "hippocampus-3d-1mm.yaml", "demo.yaml"])
+@pytest.mark.parametrize(
+    "name", ["lgg-2d.yaml", "lgg-2d-128.yaml", "hippocampus-3d.yaml", "hippocampus-3d-1mm.yaml", "demo.yaml"]
+)
 def test_shipped_configs_load_and_are_frozen(name: str) -> None:
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, MedsynthConfig)
