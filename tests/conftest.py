@@ -49,7 +49,10 @@ def shared_data() -> Path:
 def _require_shared(shared_data: Path, name: str) -> Path:
     path = shared_data / name
     if not path.is_dir():
-        pytest.skip(f"../shared/data/{name} not found; set MEDSYNTH_SHARED")
+        reason = f"../shared/data/{name} not found; set MEDSYNTH_SHARED"
+        if os.environ.get("MEDSYNTH_REQUIRE_SHARED") == "1":  # CI has the data: absence is a failure there
+            pytest.fail(reason + " (MEDSYNTH_REQUIRE_SHARED=1)")
+        pytest.skip(reason)
     return path
 
 
