@@ -143,9 +143,9 @@ def preprocess(
     from medsynth.progress import progress_for
 
     cfg = _load(config, set_)
-    todo = len(plan(cfg, cache_dir).todo)
-    with progress_for(todo, "preprocessing") as prog:
-        s = run_preprocess(cfg, cache_dir, prog)
+    the_plan = plan(cfg, cache_dir)
+    with progress_for(len(the_plan.todo), "preprocessing") as prog:
+        s = run_preprocess(cfg, cache_dir, prog, the_plan)
     typer.echo(
         f"{s.n_cases} cases ({s.n_processed} processed, {s.n_cached} cached, {len(s.excluded)} excluded) -> "
         f"{s.n_items} items in {s.cache_dir} [{s.seconds:.1f}s]"
@@ -275,7 +275,7 @@ def validate_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = Non
     typer.echo(f"report: {out['report']}")
     md = Path(out["report"]).with_name("validation_summary.md")
     if md.is_file():
-        typer.echo(md.read_text())
+        typer.echo(md.read_text(encoding="utf-8"))
 
 
 @app.command("experiment")
@@ -289,7 +289,7 @@ def experiment_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = N
     cfg = _load(config, set_)
     with progress_for(len(grid_cells(cfg)), "experiment grid") as prog:
         out = stages.run_experiment(cfg, progress=prog, device=device)
-    typer.echo(Path(out["summary_md"]).read_text())
+    typer.echo(Path(out["summary_md"]).read_text(encoding="utf-8"))
 
 
 @app.command("ui")

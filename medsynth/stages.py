@@ -145,7 +145,7 @@ def _is_cached(run_dir: Path, key: str | None) -> bool:
 
 def _latents_sha(p: StagePaths) -> str | None:
     f = p.latents / "train.json"
-    return json.loads(f.read_text()).get("file_sha256") if f.is_file() else None
+    return json.loads(f.read_text(encoding="utf-8")).get("file_sha256") if f.is_file() else None
 
 
 def run_autoencoder(
@@ -175,7 +175,7 @@ def run_encode(cfg: MedsynthConfig, device: str | None = None) -> dict[str, Any]
     p = StagePaths.of(cfg)
     key = latents_key(cfg)
     stamp = p.latents / "key.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+    if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")).get("key") == key:
         return {"latent_dir": str(p.latents), "cached": True}
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     files = {}
@@ -305,7 +305,7 @@ def run_synthesize(
     target = Path(out_dir) if out_dir is not None else p.synthetic
     stamp = target / "key.json"
     if managed:
-        if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")).get("key") == key:
             return {"out_dir": str(target), "cached": True}
         overwrite = True
     summary = synthesize_from_config(
@@ -408,7 +408,7 @@ def run_validate(
     key = validation_key(cfg)
     stamp = p.validation / "key.json"
     report_file = p.validation / REPORT_JSON
-    if stamp.is_file() and report_file.is_file() and json.loads(stamp.read_text()).get("key") == key:
+    if stamp.is_file() and report_file.is_file() and json.loads(stamp.read_text(encoding="utf-8")).get("key") == key:
         return {"report": str(report_file), "cached": True}
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = load_generator(cfg, p.autoencoder, p.unet, p.controlnet, dev)

@@ -102,7 +102,7 @@ def save_case_table(cases: list[Case], path: Path) -> None:
 
 def load_case_table(path: Path) -> list[Case]:
     """Read a case table written by :func:`save_case_table`."""
-    rows = json.loads(Path(path).read_text())
+    rows = json.loads(Path(path).read_text(encoding="utf-8"))
     return [
         Case(
             r["case_id"], r["patient_id"], Path(r["image"]), None if r["mask"] is None else Path(r["mask"]), r["split"]

@@ -88,7 +88,7 @@ def _msd(cfg: DataConfig, root: Path) -> list[Case]:
     meta = {}
     if meta_path.is_file():
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise DataError(meta_path, f"not valid JSON ({exc})") from exc
     training = meta.get("training") if isinstance(meta, dict) else None

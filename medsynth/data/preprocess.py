@@ -151,7 +151,7 @@ def plan(cfg: MedsynthConfig, cache_dir: Path | None = None) -> PreprocessPlan:
     work: list[CaseWork] = []
     for case in cases:
         meta_path = cache / "cases" / f"{case.case_id}.json"
-        old = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        old = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
         old_inputs = old.get("inputs", {}) if old else {}
         inputs = {
             "image": _file_hash(case.image, old_inputs.get("image")),
@@ -411,7 +411,10 @@ def staging_dir(cache_dir: Path) -> Path:
 
 
 def run_preprocess(
-    cfg: MedsynthConfig, cache_dir: Path | None = None, progress: Progress | None = None
+    cfg: MedsynthConfig,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+    plan_: PreprocessPlan | None = None,
 ) -> PreprocessSummary:
     """Check and preprocess a dataset into the cache (cached cases are skipped).
 
@@ -419,12 +422,13 @@ def run_preprocess(
         cfg: Resolved config.
         cache_dir: Cache folder (default ``<output_dir>/<name>/preprocess``).
         progress: Receives one ``advance()`` per processed case.
+        plan_: A plan already made by :func:`plan` for this config (saves hashing the inputs twice).
 
     Returns:
         A :class:`PreprocessSummary`.
     """
     t0 = time.monotonic()
-    p = plan(cfg, cache_dir)
+    p = plan_ if plan_ is not None else plan(cfg, cache_dir)
     prog = progress or NullProgress()
     staging = staging_dir(p.cache_dir)
     try:
@@ -443,5 +447,5 @@ def load_manifest(cache_dir: Path) -> dict[str, Any]:
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         raise DataError(path, "no preprocessing manifest here", hint="run `medsynth preprocess` first")
-    data: dict[str, Any] = json.loads(path.read_text())
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return data

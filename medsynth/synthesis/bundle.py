@@ -56,7 +56,7 @@ def bundle_config(bundle: str | Path) -> MedsynthConfig:
     f = Path(bundle) / "config.json"
     if not f.is_file():
         raise DataError(bundle, "not a medsynth generator bundle (config.json missing)")
-    return validate_config(json.loads(f.read_text()), str(f), MedsynthConfig)
+    return validate_config(json.loads(f.read_text(encoding="utf-8")), str(f), MedsynthConfig)
 
 
 def load_bundle(bundle: str | Path, device: torch.device) -> MaskGenerator:

@@ -65,7 +65,7 @@ class Checkpoint:
     @property
     def state(self) -> dict[str, Any]:
         """The JSON state (step, extras, optimiser structure)."""
-        data: dict[str, Any] = json.loads((self.path / "state.json").read_text())
+        data: dict[str, Any] = json.loads((self.path / "state.json").read_text(encoding="utf-8"))
         return data
 
     @property
@@ -144,8 +144,8 @@ def save_checkpoint(
             "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
             "extras": extras or {},
         }
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
-        (tmp / "config.json").write_text(json.dumps(config or {}, indent=2))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float), encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(config or {}, indent=2), encoding="utf-8")
         target = root / name
         if target.exists():
             shutil.rmtree(target)
@@ -159,7 +159,7 @@ def save_checkpoint(
     protected = {name}
     fin = root / FINAL
     if fin.is_file():
-        protected.add(json.loads(fin.read_text())["path"])
+        protected.add(json.loads(fin.read_text(encoding="utf-8"))["path"])
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[:-keep]:
         if old.name not in protected:
@@ -173,7 +173,7 @@ def find_checkpoint(run_dir: str | Path, which: str = "latest") -> Checkpoint | 
     ptr = root / (FINAL if which == "final" else LATEST)
     if not ptr.is_file():
         return None
-    path = root / json.loads(ptr.read_text())["path"]
+    path = root / json.loads(ptr.read_text(encoding="utf-8"))["path"]
     return Checkpoint(path) if (path / "state.json").is_file() else None
 
 

@@ -27,6 +27,7 @@ STAGES = {
     "segmenter",
     "features",
     "validate",
+    "experiment",
 }
 NETWORKS = {"autoencoder", "unet", "controlnet", "generator", "segmenter"}
 
@@ -106,6 +107,7 @@ def test_rerun_is_cached_and_trains_nothing(tiny_run: dict[str, Any]) -> None:
     assert second["train"]["latents"]["cached"]
     assert second["synthesize"]["cached"] and second["validate"]["validate"]["cached"]
     assert second["validate"]["segmenter"]["cached"] and second["preprocess"]["n_processed"] == 0
+    assert second["experiment"]["n_trained"] == 0 and second["experiment"]["n_skipped"] > 0
     assert second["experiment"]["n_trained"] == 0 and second["experiment"]["n_skipped"] > 0
     assert tiny_run["t_second"] < tiny_run["t_first"]
 

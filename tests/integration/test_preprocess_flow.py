@@ -31,7 +31,7 @@ def test_preprocess_flow_on_phantom(prefect_harness: None, tmp_path: Path) -> No
     assert manifest.is_file()
     assert manifest.parent == tmp_path / "out" / "flowtest" / "preprocess"
     assert (first["n_cases"], first["n_processed"], first["n_cached"], first["n_excluded"]) == (6, 6, 0, 0)
-    data = json.loads(manifest.read_text())
+    data = json.loads(manifest.read_text(encoding="utf-8"))
     assert data["n_items"] == first["n_items"] == 6
     assert {it["patient_id"] for it in data["items"]} == {f"phantom_{i:03d}" for i in range(3)}
     assert all(it["shape"] == [32, 32] for it in data["items"])
@@ -40,5 +40,5 @@ def test_preprocess_flow_on_phantom(prefect_harness: None, tmp_path: Path) -> No
 
     second = preprocess_flow(str(path), [])
     assert (second["n_processed"], second["n_cached"]) == (0, 6)
-    assert json.loads(manifest.read_text())["items"] == data["items"]
+    assert json.loads(manifest.read_text(encoding="utf-8"))["items"] == data["items"]
     assert not list(manifest.parent.glob(".staging-*"))

@@ -40,7 +40,7 @@ def test_lgg_subset_check_and_preprocess(shared_env, tmp_path: Path) -> None:
     sets = ["--set", "data.include=TCGA_CS_49", "--set", f"output_dir={tmp_path}"]
     out = _invoke("data", "check", config, *sets, "--set", "qc.n_overlays=0")
     assert "60 cases, 3 bad" in out
-    report = json.loads((tmp_path / "lgg-2d-128" / "qc" / "qc_report.json").read_text())
+    report = json.loads((tmp_path / "lgg-2d-128" / "qc" / "qc_report.json").read_text(encoding="utf-8"))
     assert report["n_cases"] == 60 and report["n_bad"] == 3
     black = sorted(c["case_id"] for c in report["cases"] if not c["ok"])
     assert all(c["problems"][0]["code"] == "constant" for c in report["cases"] if not c["ok"])
@@ -48,7 +48,7 @@ def test_lgg_subset_check_and_preprocess(shared_env, tmp_path: Path) -> None:
     out = _invoke("preprocess", "--config", config, *sets)
     assert "60 cases (60 processed, 0 cached, 3 excluded)" in out
     cache = tmp_path / "lgg-2d-128" / "preprocess"
-    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest = json.loads((cache / "manifest.json").read_text(encoding="utf-8"))
     assert sorted(e["case_id"] for e in manifest["excluded"]) == black  # black slices excluded and listed
     items = manifest["items"]
     assert len(items) == 57
@@ -85,7 +85,7 @@ def test_hippocampus_subset_preprocess(shared_env, tmp_path: Path) -> None:
     out = _invoke(*args)
     assert "5 cases (5 processed, 0 cached, 0 excluded) -> 5 items" in out
     cache = tmp_path / "hippocampus-3d-1mm" / "preprocess"
-    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest = json.loads((cache / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["excluded"] == []
     for it in manifest["items"]:
         assert it["shape"] == [48, 64, 48]

@@ -161,7 +161,7 @@ def test_save_resolved_round_trip(tmp_path: Path) -> None:
     path = save_resolved(cfg, out)
     assert path == out / RESOLVED_YAML
     assert load_config(out / RESOLVED_YAML) == cfg
-    data = json.loads((out / RESOLVED_JSON).read_text())
+    data = json.loads((out / RESOLVED_JSON).read_text(encoding="utf-8"))
     assert validate_config(data, "json", MedsynthConfig) == cfg
     assert load_config(out / RESOLVED_YAML).data.label_remap == {255: 1}  # int keys survive
 

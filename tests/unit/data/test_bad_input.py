@@ -189,7 +189,7 @@ def test_exclude_policy_lists_bad_case_and_processes_the_rest(synth, dataset: Pa
     cache = tmp_path / "cache"
     s = run_preprocess(cfg, cache)
     assert s.n_cases == 3 and s.n_items == 2
-    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest = json.loads((cache / "manifest.json").read_text(encoding="utf-8"))
     assert [e["case_id"] for e in manifest["excluded"]] == ["case_001"]
     problem = manifest["excluded"][0]["problems"][0]
     assert problem["code"] == "unreadable"

@@ -180,7 +180,7 @@ def test_3d_layout_and_read_back(ds3: Path) -> None:
         "labelsTr/phantom_000.nii.gz",
         "labelsTr/phantom_001.nii.gz",
     ]
-    meta = json.loads((ds3 / "dataset.json").read_text())
+    meta = json.loads((ds3 / "dataset.json").read_text(encoding="utf-8"))
     assert meta["labels"] == {str(k): v for k, v in LABELS.items()}
     assert meta["labels"]["4"] == "lesion" and meta["modality"] == {"0": "FLAIR"}
     assert meta["numTraining"] == 2 and len(meta["training"]) == 2
@@ -198,7 +198,7 @@ def test_3d_layout_and_read_back(ds3: Path) -> None:
         assert np.array_equal(lab.array, exp_lab)
         assert set(np.unique(lab.array).tolist()) == {0, 1, 2, 3, 4}
         assert np.array_equal(img.array, exp_img)
-    md = (ds3 / "PHANTOM.md").read_text()
+    md = (ds3 / "PHANTOM.md").read_text(encoding="utf-8")
     assert "synthetic" in md.lower() and "not real anatomy" in md
     for needle in ("dim: 3", "n: 2", "seed: 11", f"size: {SIZE}", f"version: {phantom.PHANTOM_VERSION}"):
         assert needle in md
@@ -222,7 +222,7 @@ def test_2d_layout_and_read_back(ds2: Path) -> None:
             assert mask.array.max() <= 4
             png = np.clip(np.floor(s.image * PNG_SCALE + 0.5), 0, 255)
             assert np.array_equal(img.array, png.astype(np.float32))  # fixed scale factor
-    md = (ds2 / "PHANTOM.md").read_text()
+    md = (ds2 / "PHANTOM.md").read_text(encoding="utf-8")
     assert "dim: 2" in md and "slices_per_patient: 4" in md
     assert len(files) == 1 + 2 * 2 * 4
 

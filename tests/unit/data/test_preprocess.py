@@ -104,7 +104,7 @@ def test_manifest_items_match_files_patients_and_splits(synth, dataset: Path, tm
     cache = tmp_path / "cache"
     run_preprocess(synth.config(synth.raw(dataset)), cache)
     m = load_manifest(cache)
-    splits = json.loads((cache / "splits.json").read_text())["patients"]
+    splits = json.loads((cache / "splits.json").read_text(encoding="utf-8"))["patients"]
     assert m["n_items"] == len(m["items"]) == 4
     assert m["labels"] == {"0": "background", "1": "a", "2": "b"}
     for it in m["items"]:
@@ -123,11 +123,11 @@ def test_cache_second_run_does_nothing(synth, dataset: Path, tmp_path: Path) -> 
     first = run_preprocess(cfg, cache)
     assert first.n_processed == 4
     before = _mtimes(cache)
-    manifest_before = (cache / "manifest.json").read_text()
+    manifest_before = (cache / "manifest.json").read_text(encoding="utf-8")
     second = run_preprocess(cfg, cache)
     assert (second.n_processed, second.n_cached, second.n_items) == (0, 4, 4)
     assert _mtimes(cache) == before
-    assert json.loads((cache / "manifest.json").read_text()) == json.loads(manifest_before)
+    assert json.loads((cache / "manifest.json").read_text(encoding="utf-8")) == json.loads(manifest_before)
     assert plan(cfg, cache).todo == []
 
 
@@ -201,12 +201,12 @@ def test_interrupted_rerun_keeps_the_previous_cache(synth, dataset: Path, tmp_pa
     cache = tmp_path / "cache"
     run_preprocess(synth.config(synth.raw(dataset)), cache)
     before = _mtimes(cache)
-    manifest = (cache / "manifest.json").read_text()
+    manifest = (cache / "manifest.json").read_text(encoding="utf-8")
     changed = synth.config(synth.raw(dataset, preprocess={"seed": 5}))
     with pytest.raises(_InterruptedError):
         run_preprocess(changed, cache, progress=_StopAfter(2))
     assert _mtimes(cache) == before
-    assert (cache / "manifest.json").read_text() == manifest
+    assert (cache / "manifest.json").read_text(encoding="utf-8") == manifest
     assert not list(cache.glob(".staging-*"))
     assert run_preprocess(changed, cache).n_processed == 4
 

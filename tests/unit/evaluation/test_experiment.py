@@ -375,14 +375,14 @@ def test_run_grid_writes_summary_and_resumes(splits: tuple[ArraySet, ArraySet, A
     tr = dict(opened)["real-f0.5-r1-s0"]
     assert tr.params["ratio"] == 1 and tr.params["n_synthetic"] == tr.params["n_real"] == 16
     assert 0.0 <= tr.metrics["test_auroc"] <= 1.0 and "train_loss" in tr.metrics
-    lines = (tmp_path / CELLS_FILE).read_text().splitlines()
+    lines = (tmp_path / CELLS_FILE).read_text(encoding="utf-8").splitlines()
     assert len(lines) == 8
     rec = json.loads(lines[0])
     assert len(rec["test_scores"]) == len(test) and {"auroc", "balanced_accuracy", "f1"} <= set(rec["metrics"])
     for p in (res.summary_csv, res.summary_md, res.plot):
         assert p.is_file() and p.stat().st_size > 0
     assert res.plot.name == "auroc_vs_fraction.png" and res.plot.read_bytes()[:8] == PNG_MAGIC
-    assert "real + 1x synthetic" in res.summary_md.read_text()
+    assert "real + 1x synthetic" in res.summary_md.read_text(encoding="utf-8")
     rows = {(r["arm"], r["fraction"], r["ratio"]): r for r in res.summary}
     assert len(rows) == 8 and rows[("real", 0.5, 0)]["delta_vs_real"] is None
     for key in (("real", 0.5, 1), ("real_classical", 1.0, 0), ("synthetic_only", 1.0, 1)):
@@ -396,7 +396,7 @@ def test_run_grid_writes_summary_and_resumes(splits: tuple[ArraySet, ArraySet, A
     opened.clear()
     again = run_grid(cfg, train, val, test, pool, tmp_path, tracker_factory=factory)
     assert again.trained == [] and again.skipped == names and opened == []
-    assert len((tmp_path / CELLS_FILE).read_text().splitlines()) == 8
+    assert len((tmp_path / CELLS_FILE).read_text(encoding="utf-8").splitlines()) == 8
     assert again.summary == res.summary
 
     # an interrupted run (last line cut short) retrains only the lost cell

@@ -108,7 +108,7 @@ class RecordingTracker:
 
 
 def _images(out: Path) -> dict[str, np.ndarray]:
-    rows = json.loads((out / "manifest.json").read_text())["items"]
+    rows = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["items"]
     return {r["id"]: read_image(out / r["image"]).array for r in rows}
 
 
@@ -137,7 +137,7 @@ def test_synthesize_writes_every_variant_with_complete_rows(generator: MaskGener
     s = synthesize(cfg, generator, _masks(), tmp_path / "syn", progress=Count(), tracker=tracker)
     assert (s.n_masks, s.n_variants, s.n_images, s.n_edits_not_applied) == (3, 9, 18, 0)
     assert advanced == [4, 4, 4, 4, 2]  # batches of sampling.batch_size
-    manifest = json.loads(s.manifest.read_text())
+    manifest = json.loads(s.manifest.read_text(encoding="utf-8"))
     rows = manifest["items"]
     assert len(rows) == 18 and manifest["n_items"] == 18
     assert all(set(MANIFEST_ROW_KEYS) <= set(r) for r in rows)
@@ -178,7 +178,7 @@ def test_same_config_gives_identical_images_and_the_seed_reproduces_one(
         b.out_dir / "labels" / "case0_s0_elastic_0.nii.gz"
     ).read_bytes()
     # batch size 1: the row's seed regenerates its image alone
-    row = json.loads(a.manifest.read_text())["items"][1]
+    row = json.loads(a.manifest.read_text(encoding="utf-8"))["items"][1]
     mask = read_image(a.out_dir / row["mask"], kind="mask").array
     again = generator.generate(torch.from_numpy(mask[None, None]), cfg.sampling, row["seed"])
     np.testing.assert_array_equal(again[0, 0].numpy(), ia[row["id"]])

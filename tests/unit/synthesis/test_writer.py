@@ -46,7 +46,7 @@ def _items(shape: tuple[int, ...], affine: np.ndarray, n: int = 2) -> list[Synth
 
 
 def _manifest(out: Path) -> dict:  # type: ignore[type-arg]
-    return json.loads((out / "manifest.json").read_text())
+    return json.loads((out / "manifest.json").read_text(encoding="utf-8"))
 
 
 def _siblings(out: Path) -> list[str]:
@@ -88,7 +88,7 @@ def test_manifest_rows_are_complete_and_the_dataset_reads_back_as_msd(tmp_path: 
         assert row["seed"] == item.seed and row["sampler"] == "ddim" and row["steps"] == 3
         assert row["guidance_scale"] == 1.5 and row["model_hashes"] == PROV.model_hashes
         assert row["image"] == f"images/{item.item_id}.nii.gz" and row["mask"] == f"labels/{item.item_id}.nii.gz"
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["labels"] == manifest["labels"] and meta["numTraining"] == 3 and meta["tensorImageSize"] == "3D"
 
     vocab = {int(k): v for k, v in meta["labels"].items()}
@@ -135,7 +135,10 @@ def test_refuses_to_overwrite_and_replaces_only_when_asked(tmp_path: Path) -> No
     (out / "keep.txt").write_text("old")
     with pytest.raises(OutputExistsError), DatasetWriter(out, LABELS, provenance=PROV):
         raise AssertionError("entered although the output exists")
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
+    assert (
+        sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+        and (out / "keep.txt").read_text(encoding="utf-8") == "old"
+    )
     assert _siblings(out) == []
 
     with pytest.raises(RuntimeError, match="boom"), DatasetWriter(out, LABELS, provenance=PROV, overwrite=True) as w:

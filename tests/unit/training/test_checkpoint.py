@@ -56,7 +56,7 @@ def _snapshot(path: Path) -> dict[str, str]:
 
 
 def _latest(root: Path) -> dict[str, object]:
-    data: dict[str, object] = json.loads((root / "checkpoints" / LATEST).read_text())
+    data: dict[str, object] = json.loads((root / "checkpoints" / LATEST).read_text(encoding="utf-8"))
     return data
 
 
@@ -78,7 +78,7 @@ def test_round_trip_restores_weights_optimizer_and_schedule(tmp_path: Path) -> N
 
     assert step == 3 and ckpt.step == 3
     assert ckpt.extras == {"scale_factor": 0.5}
-    assert json.loads((ckpt.path / "config.json").read_text()) == {"a": 1}
+    assert json.loads((ckpt.path / "config.json").read_text(encoding="utf-8")) == {"a": 1}
     _assert_state_dicts_equal(net.state_dict(), net2.state_dict())  # BatchNorm buffers included
     _assert_state_dicts_equal(ema.state_dict(), ema2.state_dict())  # n_averaged included
     sd, sd2 = opt.state_dict(), opt2.state_dict()
@@ -131,7 +131,7 @@ def test_latest_points_at_newest_and_keep_prunes_older(tmp_path: Path) -> None:
     assert find_checkpoint(tmp_path, "final") is None
 
     final = save_checkpoint(tmp_path, 5, {"net": net}, {"opt": opt}, {"opt": sched}, keep=2, final=True)
-    assert json.loads((root / FINAL).read_text()) == {"path": "step-0000005", "step": 5}
+    assert json.loads((root / FINAL).read_text(encoding="utf-8")) == {"path": "step-0000005", "step": 5}
     # a continued run writes more checkpoints: the final one is never pruned
     for step in (6, 7, 8):
         save_checkpoint(tmp_path, step, {"net": net}, {"opt": opt}, {"opt": sched}, keep=2)

@@ -80,7 +80,7 @@ def test_ddp_two_cpu_ranks_stay_in_sync(tmp_path: Path) -> None:
             for p in ctx.processes:
                 p.kill()
             pytest.fail("DDP workers did not finish within 120 s")
-    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(WORLD)]
     assert [r["rank"] for r in res] == [0, 1] and all(r["world"] == WORLD for r in res)
     assert all(r["distributed"] for r in res)
     # identical weights on both ranks (gathered in-process and compared here), different from the start
@@ -111,7 +111,7 @@ def _worker(rank: int, world: int, port: int, root: Path) -> None:  # pragma: no
         LOCAL_WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
-    cfg = validate_config(json.loads((root / "cfg.json").read_text()), "cfg.json", MedsynthConfig)
+    cfg = validate_config(json.loads((root / "cfg.json").read_text(encoding="utf-8")), "cfg.json", MedsynthConfig)
     built: list[tuple[torch.nn.Module, str]] = []
     saves: list[list[Any]] = []
     build, save = diffusion.build_diffusion_unet, diffusion.save_checkpoint
