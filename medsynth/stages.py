@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,24 @@ def _latents_sha(p: StagePaths) -> str | None:
     return json.loads(f.read_text(encoding="utf-8")).get("file_sha256") if f.is_file() else None
 
 
+def _train_stage(
+    run_dir: Path,
+    key: str,
+    train: Callable[[Any], Any],
+    resume: bool,
+    tracker: Tracker | None,
+    progress: Progress | None,
+    device: str | None,
+) -> dict[str, Any]:
+    """Run one training loop in ``run_dir`` under its input key; the summary says whether it was cached."""
+    from medsynth.training.autoencoder import summarize
+    from medsynth.training.context import StageContext
+
+    ctx = StageContext.create(run_dir, resume, tracker or NullTracker(), progress, device, key)
+    cached = _is_cached(run_dir, key)
+    return {**summarize(train(ctx)), "cached": cached}
+
+
 def run_autoencoder(
     cfg: MedsynthConfig,
     resume: bool = True,
@@ -156,13 +175,18 @@ def run_autoencoder(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Train (or skip, if trained from the same inputs) the autoencoder."""
-    from medsynth.training.autoencoder import summarize, train_autoencoder
-    from medsynth.training.context import StageContext
+    from medsynth.training.autoencoder import train_autoencoder
 
     p = StagePaths.of(cfg)
-    ctx = StageContext.create(p.autoencoder, resume, tracker or NullTracker(), progress, device, autoencoder_key(cfg))
-    cached = _is_cached(p.autoencoder, ctx.input_key)
-    return {**summarize(train_autoencoder(cfg, p.preprocess, ctx)), "cached": cached}
+    return _train_stage(
+        p.autoencoder,
+        autoencoder_key(cfg),
+        lambda ctx: train_autoencoder(cfg, p.preprocess, ctx),
+        resume,
+        tracker,
+        progress,
+        device,
+    )
 
 
 def run_encode(cfg: MedsynthConfig, device: str | None = None) -> dict[str, Any]:
@@ -200,14 +224,18 @@ def run_unet(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Train (or skip) the latent diffusion UNet."""
-    from medsynth.training.autoencoder import summarize
-    from medsynth.training.context import StageContext
     from medsynth.training.diffusion import train_diffusion
 
     p = StagePaths.of(cfg)
-    ctx = StageContext.create(p.unet, resume, tracker or NullTracker(), progress, device, unet_key(cfg))
-    cached = _is_cached(p.unet, ctx.input_key)
-    return {**summarize(train_diffusion(cfg, p.latents, ctx, ae_run=p.autoencoder)), "cached": cached}
+    return _train_stage(
+        p.unet,
+        unet_key(cfg),
+        lambda ctx: train_diffusion(cfg, p.latents, ctx, ae_run=p.autoencoder),
+        resume,
+        tracker,
+        progress,
+        device,
+    )
 
 
 def run_controlnet(
@@ -218,14 +246,18 @@ def run_controlnet(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Train (or skip) the mask ControlNet."""
-    from medsynth.training.autoencoder import summarize
-    from medsynth.training.context import StageContext
     from medsynth.training.controlnet import train_controlnet
 
     p = StagePaths.of(cfg)
-    ctx = StageContext.create(p.controlnet, resume, tracker or NullTracker(), progress, device, controlnet_key(cfg))
-    cached = _is_cached(p.controlnet, ctx.input_key)
-    return {**summarize(train_controlnet(cfg, p.latents, p.unet, ctx, ae_run=p.autoencoder)), "cached": cached}
+    return _train_stage(
+        p.controlnet,
+        controlnet_key(cfg),
+        lambda ctx: train_controlnet(cfg, p.latents, p.unet, ctx, ae_run=p.autoencoder),
+        resume,
+        tracker,
+        progress,
+        device,
+    )
 
 
 def synthesis_key(cfg: MedsynthConfig) -> str:
@@ -362,13 +394,17 @@ def run_segmenter(
 ) -> dict[str, Any]:
     """Train (or skip) the reference segmenter on the real training split."""
     from medsynth.evaluation.segmenter import train_segmenter
-    from medsynth.training.autoencoder import summarize
-    from medsynth.training.context import StageContext
 
     p = StagePaths.of(cfg)
-    ctx = StageContext.create(p.segmenter, resume, tracker or NullTracker(), progress, device, segmenter_key(cfg))
-    cached = _is_cached(p.segmenter, ctx.input_key)
-    return {**summarize(train_segmenter(cfg, p.preprocess, ctx)), "cached": cached}
+    return _train_stage(
+        p.segmenter,
+        segmenter_key(cfg),
+        lambda ctx: train_segmenter(cfg, p.preprocess, ctx),
+        resume,
+        tracker,
+        progress,
+        device,
+    )
 
 
 def run_features(
@@ -385,13 +421,17 @@ def run_features(
     if cfg.validation.feature_weights:
         return {"feature_weights": cfg.validation.feature_weights, "cached": True}
     from medsynth.evaluation.features import train_feature_encoder
-    from medsynth.training.autoencoder import summarize
-    from medsynth.training.context import StageContext
 
     p = StagePaths.of(cfg)
-    ctx = StageContext.create(p.features, resume, tracker or NullTracker(), progress, device, features_key(cfg))
-    cached = _is_cached(p.features, ctx.input_key)
-    return {**summarize(train_feature_encoder(cfg, p.preprocess, ctx)), "cached": cached}
+    return _train_stage(
+        p.features,
+        features_key(cfg),
+        lambda ctx: train_feature_encoder(cfg, p.preprocess, ctx),
+        resume,
+        tracker,
+        progress,
+        device,
+    )
 
 
 def run_validate(
