@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -91,21 +90,3 @@ def splits_json(cases: list[Case]) -> dict[str, Any]:
         "patients": {c.patient_id: c.split for c in sorted(cases, key=lambda c: c.patient_id)},
         "summary": split_summary(cases),
     }
-
-
-def save_case_table(cases: list[Case], path: Path) -> None:
-    """Write the case table as JSON (atomic)."""
-    from medsynth.fileio import write_json_atomic
-
-    write_json_atomic(path, [c.to_json() for c in cases])
-
-
-def load_case_table(path: Path) -> list[Case]:
-    """Read a case table written by :func:`save_case_table`."""
-    rows = json.loads(Path(path).read_text(encoding="utf-8"))
-    return [
-        Case(
-            r["case_id"], r["patient_id"], Path(r["image"]), None if r["mask"] is None else Path(r["mask"]), r["split"]
-        )
-        for r in rows
-    ]

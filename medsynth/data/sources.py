@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 from medsynth.config.schema import MedsynthConfig
-from medsynth.fileio import sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +35,3 @@ def ensure_dataset(cfg: MedsynthConfig) -> Path:
             lesion_probability=p.lesion_probability,
         )
     return root
-
-
-def dataset_fingerprint(cfg: MedsynthConfig) -> str:
-    """A cheap fingerprint of the dataset files (relative path, size, mtime) and the data config.
-
-    Used as a cache key by orchestration; content hashes are checked by the preprocessing cache itself.
-    """
-    root = Path(cfg.data.root)
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    stats = [
-        (str(p.relative_to(root)) if root.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns)
-        for p in files
-        if p.exists()
-    ]
-    return sha256_json({"data": cfg.data.model_dump(mode="json"), "files": stats})

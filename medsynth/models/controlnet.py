@@ -17,6 +17,7 @@ from monai.networks.nets.diffusion_model_unet import DiffusionModelUNet
 from torch import nn
 
 from medsynth.config.generative import ControlNetConfig, DiffusionUNetConfig
+from medsynth.models.unet import encoder_kwargs
 
 _UNET_ONLY_PREFIXES = ("up_blocks.", "out.")
 _CONTROLNET_ONLY_PREFIXES = ("controlnet_",)
@@ -77,18 +78,8 @@ def build_controlnet(
     Raises:
         ValueError: If the mask embedding does not downsample by ``downsample_factor``.
     """
-    net = unet_cfg.network
     return ControlNet(
-        spatial_dims=spatial_dims,
-        in_channels=latent_channels,
-        channels=net.channels,
-        attention_levels=net.attention_levels,
-        num_res_blocks=net.num_res_blocks,
-        num_head_channels=net.num_head_channels,
-        norm_num_groups=net.norm_num_groups,
-        norm_eps=net.norm_eps,
-        resblock_updown=net.resblock_updown,
-        with_conditioning=False,
+        **encoder_kwargs(unet_cfg, spatial_dims, latent_channels),
         conditioning_embedding_in_channels=num_mask_channels,
         conditioning_embedding_num_channels=embedding_channels(cfg, downsample_factor),
     )

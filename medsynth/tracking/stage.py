@@ -72,15 +72,6 @@ def finish_pipeline(
     session.end_run(tracker, status)
 
 
-def parent_tracker(cfg: MedsynthConfig, run_id: str | None) -> Tracker:
-    """A tracker writing to an existing run (the pipeline's parent), or a no-op one."""
-    if run_id is None:
-        return NullTracker()
-    from medsynth.tracking.mlflow_store import MlflowSession, MlflowTracker
-
-    return MlflowTracker(MlflowSession(cfg).client, run_id)
-
-
 @contextmanager
 def tracked_stage(
     cfg: MedsynthConfig, stage: str, parent_run_id: str | None, section: str | None = None
