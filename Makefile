@@ -31,17 +31,38 @@ test-all: setup  ## every test, slow ones included
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
 lint: setup  ## ruff + mypy
-	$(VENV)/bin/ruff check medsynth flows tests
-	$(VENV)/bin/ruff format --check medsynth flows
-	$(VENV)/bin/mypy medsynth
+	$(VENV)/bin/ruff check medsynth flows tests benchmarks
+	$(VENV)/bin/ruff format --check medsynth flows benchmarks
+	$(VENV)/bin/mypy medsynth benchmarks
 
 docs: setup  ## regenerate the generated references (CLI, configuration)
 	$(VENV)/bin/typer medsynth.cli utils docs --name medsynth --output docs/cli.md
 	$(VENV)/bin/medsynth config reference --out docs/configuration.md
 
+# Performance benchmarks (benchmarks/README.md): about 15-25 min on this 2-core CPU with one torch
+# thread; JSON results in benchmarks/results/. The sampling benchmark needs the trained stage outputs
+# of BENCH_SAMPLING_CONFIG (`make demo` for configs/demo.yaml) and runs last.
+BENCH_THREADS ?= 1
+BENCH_DEVICE ?= auto
+BENCH_SAMPLING_CONFIG ?= configs/demo.yaml
+BENCH_ARGS = --threads $(BENCH_THREADS) --device $(BENCH_DEVICE)
+bench: export OMP_NUM_THREADS = $(BENCH_THREADS)
+bench: export MKL_NUM_THREADS = $(BENCH_THREADS)
+bench: setup  ## training, preprocessing, memory and sampling benchmarks (ratios vs baselines)
+	$(PY) -m benchmarks.training $(BENCH_ARGS)
+	$(PY) -m benchmarks.preprocessing $(BENCH_ARGS)
+	$(PY) -m benchmarks.memory $(BENCH_ARGS)
+	$(PY) -m benchmarks.sampling --config $(BENCH_SAMPLING_CONFIG) --n-masks 16 $(BENCH_ARGS)
+
+# The whitepaper, rebuilt from the tracked runs in outputs/mlflow.db (the latest finished pipeline run of
+# each config) and the benchmark JSON in benchmarks/results/.
+WHITEPAPER_CONFIGS ?= configs/lgg-2d.yaml configs/hippocampus-3d.yaml configs/demo.yaml
+whitepaper: setup  ## regenerate whitepaper/ from the MLflow runs of WHITEPAPER_CONFIGS
+	$(VENV)/bin/medsynth report $(foreach c,$(WHITEPAPER_CONFIGS),-c $(c)) --out whitepaper
+
 format: setup
-	$(VENV)/bin/ruff format medsynth flows tests
-	$(VENV)/bin/ruff check --fix medsynth flows tests
+	$(VENV)/bin/ruff format medsynth flows tests benchmarks
+	$(VENV)/bin/ruff check --fix medsynth flows tests benchmarks
 
 clean:
 	rm -rf outputs .pytest_cache .mypy_cache .ruff_cache
