@@ -18,7 +18,13 @@ def config_from_json(cfg_json: dict[str, Any]) -> MedsynthConfig:
 
 
 def publish_summary(cfg: MedsynthConfig, stage: str, summary: dict[str, Any], tracking: StageTracking) -> None:
-    """A Prefect markdown artifact summarising a stage and pointing to its MLflow run."""
+    """A Prefect markdown artifact summarising a stage and pointing to its MLflow run.
+
+    The stage run is tagged ``medsynth.cached`` (true when the stage was up to date and did no work), so
+    reports find the run that computed the stage's outputs.
+    """
+    if "cached" in summary:
+        tracking.set_tags({"medsynth.cached": str(bool(summary["cached"])).lower()})
     rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items() if not isinstance(v, dict | list))
     md = f"## {stage} ({cfg.name})\n\n| field | value |\n|---|---|\n{rows}\n\nTracking: {tracking.run_link()}\n"
     key = re.sub(r"[^a-z0-9-]+", "-", f"{cfg.name}-{stage}".lower()).strip("-")

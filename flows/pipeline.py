@@ -1,5 +1,5 @@
 """The full pipeline: check → preprocess → train (AE → latents → UNet → ControlNet) → synthesise → validate
-→ downstream experiment.
+→ downstream experiment → report.
 
 Stages pass paths, summaries and MLflow run ids, never arrays. The pipeline owns one MLflow parent
 run; every stage records a nested run under it.
@@ -15,6 +15,7 @@ from prefect import flow
 from flows.common import task_runner
 from flows.experiment import run_experiment_flow
 from flows.preprocess import preprocess_flow
+from flows.report import report_flow
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
 from flows.validate import validate_flow
@@ -37,6 +38,7 @@ def pipeline_flow(config_path: str, overrides: list[str] | None = None) -> dict[
         out["synthesize"] = synthesize_flow(cfg_json, parent_run_id=parent)
         out["validate"] = validate_flow(cfg_json, parent)
         out["experiment"] = run_experiment_flow(cfg_json, parent)
+        out["report"] = report_flow(cfg_json, parent)
     except BaseException:
         finish_pipeline(cfg, parent, "FAILED")
         raise

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from medsynth.errors import MedsynthError
+from medsynth.errors import ConfigError, MedsynthError
 
 app = typer.Typer(
     name="medsynth",
@@ -326,6 +326,73 @@ def ui_cmd(
     typer.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     subprocess.run(cmd, check=False, env=env)
+
+
+@app.command("runs")
+def runs_cmd(
+    config: Annotated[Path | None, typer.Argument(help="Config whose runs to list (default: the demo).")] = None,
+) -> None:
+    """Print the latest finished pipeline run of a config: its stage runs, wall times, key metrics and models."""
+    from medsynth.report.collect import STAGE_ORDER
+    from medsynth.tracking.mlflow_store import tracking_uri
+    from medsynth.tracking.query import load_pipeline
+
+    cfg = _load(config or DEMO_CONFIG, [])
+    rec = load_pipeline(tracking_uri(cfg), cfg.tracking.experiment or cfg.name)
+    p = rec.parent
+    typer.echo(f"experiment {rec.experiment} ({rec.tracking_uri})")
+    typer.echo(f"pipeline {p.name}  run {p.run_id}  {p.status}  {p.wall_s or 0:.0f} s")
+    order = {s: i for i, s in enumerate(STAGE_ORDER)}
+    for name, r in sorted(rec.stages.items(), key=lambda kv: order.get(kv[0], len(order))):
+        own = "" if r.tags.get("mlflow.parentRunId") == p.run_id else "  (computed by an earlier execution)"
+        keys = [k for k in sorted(r.metrics) if "/" in k][:4]
+        metrics = ", ".join(f"{k}={r.metrics[k]:.4g}" for k in keys)
+        typer.echo(f"  {name:<12} run {r.run_id}  {r.wall_s or 0:7.1f} s  {metrics}{own}")
+    if rec.cells:
+        typer.echo(f"  experiment grid: {len(rec.cells)} cell runs")
+    for m in rec.models:
+        typer.echo(f"  model {m}")
+
+
+@app.command("report")
+def report_cmd(
+    config: Annotated[
+        list[Path] | None, typer.Option("--config", "-c", help="Config whose latest finished pipeline to report.")
+    ] = None,
+    experiment: Annotated[
+        list[str] | None, typer.Option("--experiment", "-e", help="MLflow experiment name (with --tracking-uri).")
+    ] = None,
+    tracking_uri_: Annotated[
+        str | None,
+        typer.Option("--tracking-uri", help="Store of --experiment (default: $MLFLOW_TRACKING_URI or outputs/)."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("whitepaper"),
+    bench_dir: Annotated[Path | None, typer.Option(help="Benchmark results to include (sampler trade-off).")] = Path(
+        "benchmarks/results"
+    ),
+) -> None:
+    """Build the whitepaper (Markdown + HTML + figures) from the tracked runs of one or more pipelines."""
+    from medsynth.report.whitepaper import build_whitepaper
+    from medsynth.tracking.mlflow_store import tracking_uri
+
+    targets: list[tuple[str, str]] = []
+    for c in config or []:
+        cfg = _load(c, [])
+        targets.append((tracking_uri(cfg), cfg.tracking.experiment or cfg.name))
+    default_uri = tracking_uri_ or os.environ.get("MLFLOW_TRACKING_URI")
+    if default_uri is None:
+        default_uri = f"sqlite:///{(Path('outputs') / 'mlflow.db').resolve()}"
+    targets += [(default_uri, e) for e in experiment or []]
+    if not targets:
+        raise ConfigError(
+            "command line", "nothing to report", hint="pass --config configs/<name>.yaml or --experiment <name>"
+        )
+    uris = {u for u, _ in targets}
+    if len(uris) > 1:
+        raise MedsynthError(f"the experiments live in different stores: {sorted(uris)}")
+    command = "medsynth report " + " ".join(sys.argv[2:])
+    md = build_whitepaper(uris.pop(), [e for _, e in targets], out, bench_dir, command=command)
+    typer.echo(f"whitepaper: {md}")
 
 
 @app.command("run")

@@ -85,6 +85,11 @@ class StagePaths:
         return self.root / "experiment"
 
     @property
+    def report(self) -> Path:
+        """Report of the latest pipeline execution (built from its tracked runs)."""
+        return self.root / "report"
+
+    @property
     def synthetic(self) -> Path:
         """Augmented (synthetic) dataset."""
         return self.root / "synthetic"
@@ -299,7 +304,7 @@ def synthesize_from_model(
 
     from medsynth.synthesis.bundle import load_bundle
     from medsynth.synthesis.masks import load_masks, mask_vocabulary
-    from medsynth.synthesis.run import synthesize
+    from medsynth.synthesis.run import memorisation_guard, synthesize
     from medsynth.tracking.mlflow_store import download_model, tracking_uri
 
     p = StagePaths.of(cfg)
@@ -309,7 +314,15 @@ def synthesize_from_model(
     gen = load_bundle(bundle, dev)
     masks = load_masks(cfg, p.preprocess)
     summary = synthesize(
-        cfg, gen, masks, out_dir, overwrite=overwrite, progress=progress, tracker=tracker, labels=mask_vocabulary(cfg)
+        cfg,
+        gen,
+        masks,
+        out_dir,
+        overwrite=overwrite,
+        progress=progress,
+        tracker=tracker,
+        labels=mask_vocabulary(cfg),
+        guard=memorisation_guard(cfg, p.preprocess),
     )
     return {**summary.to_json(), "model": model_uri}
 
@@ -501,3 +514,27 @@ def run_experiment(
         "cells": str(res.cells_path),
         "cached": not res.trained,
     }
+
+
+def run_report(cfg: MedsynthConfig, pipeline_run_id: str, bench_dir: str | Path | None = None) -> dict[str, Any]:
+    """Build the report of one pipeline execution from its tracked runs (``<output>/<name>/report/``).
+
+    The same renderer as ``medsynth report`` (the whitepaper), for this config's experiment only.
+
+    Args:
+        cfg: Resolved config (tracking section: store and experiment name).
+        pipeline_run_id: The pipeline's parent run (may still be running).
+        bench_dir: Optional benchmark results folder to include.
+
+    Returns:
+        ``{"report": path of the Markdown file, "figures": count}``.
+    """
+    from medsynth.report.whitepaper import build_whitepaper
+    from medsynth.tracking.mlflow_store import tracking_uri
+
+    name = cfg.tracking.experiment or cfg.name
+    out = StagePaths.of(cfg).report
+    md = build_whitepaper(
+        tracking_uri(cfg), [name], out, bench_dir, command=f"medsynth run ({cfg.name})", run_ids={name: pipeline_run_id}
+    )
+    return {"report": str(md), "figures": len(list((out / "figures").rglob("*.png")))}

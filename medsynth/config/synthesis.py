@@ -90,8 +90,11 @@ class SynthesisConfig(StrictModel):
     n_grid: int = Field(8, ge=0, description="Rows of the sample grid PNG (real | mask | synthetic); 0: none.")
     refuse_memorised: bool = Field(
         False,
-        description="Placeholder for a memorisation audit (refusing synthetic images that copy a training "
-        "image). Not implemented yet: true is rejected at synthesis time rather than silently ignored.",
+        description="Refuse to export synthetic images the memorisation audit flags: nearest training image "
+        "closer than the validation.memorisation_percentile-th percentile of the real test images' nearest-"
+        "training distances (validation.memorisation_distance). Refused images are listed in "
+        "refused_memorised.json. Needs the preprocessing cache (train + test splits). Images generated from "
+        "TRAINING masks share their source's layout and are often flagged: synthesise from held-out or edited masks.",
     )
     seed: int = Field(0, description="Seed of the edits and of the sampling noise.")
 

@@ -85,7 +85,7 @@ from medsynth.evaluation.classifier import (
     youden_threshold,
 )
 from medsynth.evaluation.metrics import dice_per_label
-from medsynth.evaluation.stats import bootstrap_mean, mean_sd, paired_comparison
+from medsynth.evaluation.stats import bootstrap_mean, format_value, mean_sd, paired_comparison
 from medsynth.fileio import sha256_json, write_atomic, write_text_atomic
 from medsynth.progress import NullProgress, Progress
 from medsynth.tracking.base import NullTracker, Tracker
@@ -1088,11 +1088,7 @@ def _arm_order(arm: str) -> int:
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
+    return format_value(v, digits, missing="–")
 
 
 def _arm_label(arm: str, ratio: int) -> str:

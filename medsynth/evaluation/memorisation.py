@@ -248,3 +248,57 @@ def closest_pairs_figure(
         flag = " FLAGGED" if result.flagged[int(i)] else ""
         titles.append(f"{sid} ~ {tid}\nd={result.synth_distance[int(i)]:.3g}{flag}")
     return save_grid(path, rows, titles=titles, col_titles=["synthetic", "nearest training", "|difference|"])
+
+
+@dataclass(frozen=True)
+class MemorisationGuard:
+    """The audit applied while synthesising: flags each new image closer to a training image than real test images.
+
+    The threshold is fixed once from real data — the ``percentile``-th percentile of the nearest-training
+    distances of the real TEST images, exactly as in :func:`memorisation_audit` — and every synthetic
+    batch is compared with the training images under the same distance.
+
+    Attributes:
+        train: ``(N, 1, *S)`` training images of the generator, values in [0, 1].
+        train_ids: Their ids.
+        threshold: Distance below which an image is flagged.
+        distance: ``"ncc"``, ``"l2"`` or ``"ssim"``.
+        percentile: Percentile of the real test distances that gave ``threshold``.
+        top_k: Candidates re-ranked for ``"ssim"``.
+    """
+
+    train: torch.Tensor
+    train_ids: list[str]
+    threshold: float
+    distance: Distance
+    percentile: float
+    top_k: int = 5
+
+    @classmethod
+    def from_reference(
+        cls,
+        train: torch.Tensor,
+        test: torch.Tensor,
+        train_ids: Sequence[str],
+        percentile: float = 1.0,
+        distance: Distance = "ncc",
+        top_k: int = 5,
+    ) -> MemorisationGuard:
+        """Fix the threshold from real test images ``(T, 1, *S)`` against the training images ``(N, 1, *S)``."""
+        if len(train) == 0 or len(test) == 0:
+            raise ValueError("the memorisation guard needs training and real test images")
+        td, _ = nearest_distance(test, train, distance, top_k)
+        thr = float(np.percentile(td.double().numpy(), percentile))
+        return cls(train, [str(i) for i in train_ids], thr, distance, percentile, top_k)
+
+    def check(self, images: torch.Tensor) -> list[dict[str, Any]]:
+        """Per image of ``(B, 1, *S)``: ``{"flagged", "nearest_train_id", "distance"}``."""
+        d, i = nearest_distance(images.float(), self.train, self.distance, self.top_k)
+        return [
+            {
+                "flagged": bool(float(d[k]) < self.threshold),
+                "nearest_train_id": self.train_ids[int(i[k])],
+                "distance": float(d[k]),
+            }
+            for k in range(len(d))
+        ]

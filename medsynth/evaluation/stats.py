@@ -14,6 +14,7 @@ the independent units).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -238,3 +239,20 @@ def format_mean_sd(values: npt.ArrayLike, digits: int = 3) -> str:
     """``"0.812 ± 0.034"`` for the non-NaN values."""
     m, s = mean_sd(values)
     return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def format_value(v: Any, digits: int = 3, missing: str = "n/a") -> str:
+    """A table cell: floats with ``digits`` decimals, ``missing`` for None/NaN, other values as text."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return missing
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def format_estimate(e: dict[str, Any], digits: int = 3) -> str:
+    """``"value [lo, hi]"`` of an :class:`Estimate` as JSON (``n/a`` when it has no value)."""
+    if e.get("value") is None:
+        return "n/a"
+    lo, hi = format_value(e.get("lo"), digits), format_value(e.get("hi"), digits)
+    return f"{format_value(e['value'], digits)} [{lo}, {hi}]"

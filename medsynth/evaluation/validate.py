@@ -23,6 +23,7 @@ from medsynth.evaluation.metrics import per_label_wasserstein
 from medsynth.evaluation.plausibility import plausibility_report, worst_cases_figure, worst_rows
 from medsynth.evaluation.realism import realism_report
 from medsynth.evaluation.segmenter import load_segmenter, predict
+from medsynth.evaluation.stats import format_estimate, format_value
 from medsynth.fileio import write_json_atomic, write_text_atomic
 from medsynth.progress import NullProgress, Progress
 from medsynth.synthesis.generator import MaskGenerator
@@ -44,18 +45,6 @@ def generate_for(
     return torch.cat(out)
 
 
-def _num(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
-
-
-def _ci(e: dict[str, Any]) -> str:
-    """``value [lo, hi]`` of an Estimate JSON."""
-    v, lo, hi = e.get("value"), e.get("lo"), e.get("hi")
-    if v is None:
-        return "n/a"
-    return f"{v:.3f} [{_num(lo)}, {_num(hi)}]"
-
-
 def _summary_md(cfg: MedsynthConfig, rep: dict[str, Any]) -> str:
     lines = [
         f"# Validation: {cfg.name}",
@@ -74,8 +63,9 @@ def _summary_md(cfg: MedsynthConfig, rep: dict[str, Any]) -> str:
     for name, r in rep["plausibility"]["per_label"].items():
         fp_r, fp_s = r["fp_real"].get("value"), r["fp_synth"].get("value")
         lines.append(
-            f"| {name} | {_ci(r['dice_real'])} | {_ci(r['dice_synth'])} | {_ci(r['ratio'])} | "
-            f"{_num(fp_r)} | {_num(fp_s)} |"
+            f"| {name} | {format_estimate(r['dice_real'])} | {format_estimate(r['dice_synth'])} | "
+            f"{format_estimate(r['ratio'])} | "
+            f"{format_value(fp_r)} | {format_value(fp_s)} |"
         )
     rl, dv, mm = rep["realism"], rep["diversity"], rep["memorisation"]
     lines += [
@@ -86,7 +76,7 @@ def _summary_md(cfg: MedsynthConfig, rep: dict[str, Any]) -> str:
         f"- reference (real test vs real train) Fréchet distance {rl.get('reference_fid', float('nan')):.3f}, "
         f"KID {rl.get('reference_kid_mean', float('nan')):.4f}",
         "- per-label intensity Wasserstein (real vs synthetic, same masks): "
-        + ", ".join(f"{v['name']} {_num(v.get('wasserstein'))}" for v in rep["intensity_wasserstein"].values()),
+        + ", ".join(f"{v['name']} {format_value(v.get('wasserstein'))}" for v in rep["intensity_wasserstein"].values()),
         "",
         "## Diversity",
         "",

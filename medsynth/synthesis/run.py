@@ -27,7 +27,8 @@ import torch
 from medsynth.config.schema import MedsynthConfig
 from medsynth.config.synthesis import parse_edit
 from medsynth.errors import ConfigError, DataError, OutputExistsError
-from medsynth.fileio import is_nonempty
+from medsynth.evaluation.memorisation import MemorisationGuard
+from medsynth.fileio import is_nonempty, write_json_atomic
 from medsynth.progress import NullProgress, Progress
 from medsynth.synthesis.edits import apply_edit, default_lesion_label
 from medsynth.synthesis.generator import MaskGenerator
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = ["GRID_NAME", "SynthesisSummary", "image_seed", "synthesize", "synthesize_from_config"]
 
 GRID_NAME = "samples.png"
+REFUSED_JSON = "refused_memorised.json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -57,6 +59,7 @@ class SynthesisSummary:
         dataset_json: MSD-style ``dataset.json``.
         grid: Sample grid PNG (None when ``synthesis.n_grid`` is 0).
         seconds: Wall time.
+        n_refused: Images the memorisation guard refused to export (``synthesis.refuse_memorised``).
     """
 
     out_dir: Path
@@ -68,6 +71,7 @@ class SynthesisSummary:
     dataset_json: Path
     grid: Path | None
     seconds: float
+    n_refused: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able summary (paths as strings)."""
@@ -81,6 +85,7 @@ class SynthesisSummary:
             "dataset_json": str(self.dataset_json),
             "grid": str(self.grid) if self.grid else None,
             "seconds": round(self.seconds, 3),
+            "n_refused_memorised": self.n_refused,
         }
 
 
@@ -135,14 +140,19 @@ def _jobs(cfg: MedsynthConfig, masks: Sequence[MaskItem], labels: dict[int, str]
 
 
 def _check_inputs(
-    cfg: MedsynthConfig, generator: MaskGenerator, masks: Sequence[MaskItem], labels: dict[int, str]
+    cfg: MedsynthConfig,
+    generator: MaskGenerator,
+    masks: Sequence[MaskItem],
+    labels: dict[int, str],
+    guard: MemorisationGuard | None,
 ) -> None:
     sc = cfg.synthesis
-    if sc.refuse_memorised:
+    if sc.refuse_memorised and guard is None:
         raise ConfigError(
             "config",
-            "synthesis.refuse_memorised is not implemented yet (the memorisation audit is pending)",
-            hint="set synthesis.refuse_memorised to false",
+            "synthesis.refuse_memorised needs the training and test images of the preprocessing cache "
+            "(the memorisation guard's reference)",
+            hint="preprocess the config's dataset first, or set synthesis.refuse_memorised to false",
         )
     if not generator.conditional:
         raise ConfigError(
@@ -209,8 +219,13 @@ def synthesize(
     progress: Progress | None = None,
     tracker: Tracker | None = None,
     labels: dict[int, str] | None = None,
+    guard: MemorisationGuard | None = None,
 ) -> SynthesisSummary:
     """Generate ``synthesis.n_per_mask`` images for every configured edit of every mask and write the dataset.
+
+    With ``synthesis.refuse_memorised`` every generated image goes through ``guard`` first; flagged
+    images (possible copies of a training image) are not exported and are listed, with their nearest
+    training image and distance, in ``refused_memorised.json`` of the dataset.
 
     Args:
         cfg: Resolved config (``synthesis``, ``sampling``, ``preprocess`` are used).
@@ -221,20 +236,23 @@ def synthesize(
         progress: Receives ``advance(n)`` per generated batch.
         tracker: Receives the sample grid (``log_artifact``) and counts (``log_metrics``).
         labels: Label vocabulary; default :func:`medsynth.synthesis.masks.mask_vocabulary`.
+        guard: The memorisation guard (see :func:`memorisation_guard`); required by ``refuse_memorised``.
 
     Returns:
         A :class:`SynthesisSummary`.
 
     Raises:
         OutputExistsError: ``out_dir`` is non-empty and ``overwrite`` is False (before any generation).
-        ConfigError: ``refuse_memorised`` set, an unconditional generator, or no usable lesion label.
+        ConfigError: ``refuse_memorised`` without a guard, an unconditional generator, or no usable lesion label.
         DataError: No masks, a mask of the wrong size or with unknown labels, transplant without donors.
     """
     t0 = time.monotonic()
     sc = cfg.synthesis
     vocab = dict(labels) if labels is not None else mask_vocabulary(cfg)
     source = list(masks[: sc.max_masks] if sc.max_masks is not None else masks)
-    _check_inputs(cfg, generator, source, vocab)
+    _check_inputs(cfg, generator, source, vocab, guard)
+    refuse = guard if sc.refuse_memorised else None
+    refused: list[dict[str, Any]] = []
     prog = progress or NullProgress()
     track = tracker or NullTracker()
     out = Path(out_dir)
@@ -271,8 +289,13 @@ def synthesize(
                 break
             seed = batch[0].seed
             cond = torch.from_numpy(np.stack([j.mask for j in batch]).astype(np.int64))
-            images = generator.generate(cond, cfg.sampling, seed).numpy().astype(np.float32)
-            for pos, (job, image) in enumerate(zip(batch, images, strict=True)):
+            generated = generator.generate(cond, cfg.sampling, seed)
+            checks = refuse.check(generated) if refuse is not None else [None] * len(batch)
+            images = generated.numpy().astype(np.float32)
+            for pos, (job, image, check) in enumerate(zip(batch, images, checks, strict=True)):
+                if check is not None and check["flagged"]:
+                    refused.append({"item_id": job.item_id, "source_id": job.item.item_id, **check})
+                    continue
                 if _not_applied(job.edit):
                     not_applied.add((job.mask_index, job.edit_index))
                 writer.add(
@@ -299,6 +322,23 @@ def synthesize(
                     grid_titles.append(f"{job.item.item_id}\n{job.spec}")
             n_done += len(batch)
             prog.advance(len(batch), f"{n_done}/{n_total} images")
+        if refuse is not None and refused and len(refused) == n_done:
+            raise DataError(
+                out,
+                f"all {n_done} synthetic images were refused as possible copies of training images "
+                f"(nearest-training {refuse.distance} distance below {refuse.threshold:.4g})",
+                hint="synthesise from held-out or edited masks, or set synthesis.refuse_memorised to false",
+            )
+        if refuse is not None:
+            write_json_atomic(
+                writer.path(REFUSED_JSON),
+                {
+                    "threshold": refuse.threshold,
+                    "distance": refuse.distance,
+                    "percentile": refuse.percentile,
+                    "refused": refused,
+                },
+            )
         grid: Path | None = None
         if grid_rows:
             from medsynth.viz import save_grid
@@ -315,12 +355,13 @@ def synthesize(
         out_dir=out,
         n_masks=len(source),
         n_variants=len(source) * len(sc.edits),
-        n_images=n_done,
+        n_images=n_done - len(refused),
         n_edits_not_applied=len(not_applied),
         manifest=out / MANIFEST_JSON,
         dataset_json=out / DATASET_JSON,
         grid=grid,
         seconds=seconds,
+        n_refused=len(refused),
     )
     if grid is not None:
         track.log_artifact(grid, "synthesis")
@@ -329,6 +370,7 @@ def synthesize(
             "synthesis/n_images": float(n_done),
             "synthesis/n_edits_not_applied": float(len(not_applied)),
             "synthesis/seconds_per_image": seconds / max(n_done, 1),
+            "synthesis/n_refused_memorised": float(len(refused)),
         }
     )
     if not_applied:
@@ -338,8 +380,35 @@ def synthesize(
             summary.n_variants,
             summary.manifest,
         )
+    if refused:
+        log.warning("%d images refused as possible copies of training images (see %s)", len(refused), REFUSED_JSON)
     log.info("synthesised %d images from %d masks into %s (%.1fs)", n_done, len(source), out, seconds)
     return summary
+
+
+def memorisation_guard(cfg: MedsynthConfig, cache_dir: str | Path) -> MemorisationGuard | None:
+    """The guard ``synthesis.refuse_memorised`` asks for, from the cache's train and test splits (None when off).
+
+    Uses the ``validation`` section's ``memorisation_percentile``, ``memorisation_distance`` and
+    ``memorisation_top_k``, so export-time refusals match the validation audit.
+
+    Raises:
+        DataError: The cache lacks a train or test split.
+    """
+    if not cfg.synthesis.refuse_memorised:
+        return None
+    from medsynth.data.dataset import load_split
+
+    vc = cfg.validation
+    train, test = load_split(cache_dir, "train"), load_split(cache_dir, "test")
+    return MemorisationGuard.from_reference(
+        train.images.float(),
+        test.images.float(),
+        train.item_ids,
+        vc.memorisation_percentile,
+        vc.memorisation_distance,
+        vc.memorisation_top_k,
+    )
 
 
 def synthesize_from_config(
@@ -383,6 +452,17 @@ def synthesize_from_config(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     masks = load_masks(cfg, cache_dir)
     generator = load_generator(cfg, ae_run, unet_run, controlnet_run, dev, num_classes=max(labels) + 1)
+    guard = memorisation_guard(
+        cfg, cache_dir if cache_dir is not None else Path(cfg.output_dir) / cfg.name / "preprocess"
+    )
     return synthesize(
-        cfg, generator, masks, out_dir, overwrite=overwrite, progress=progress, tracker=tracker, labels=labels
+        cfg,
+        generator,
+        masks,
+        out_dir,
+        overwrite=overwrite,
+        progress=progress,
+        tracker=tracker,
+        labels=labels,
+        guard=guard,
     )

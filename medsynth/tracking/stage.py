@@ -33,6 +33,11 @@ class StageTracking:
         if self.session is not None:
             self.session.log_dataset(self.tracker, name, source, digest, context)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tag the stage run (no-op when tracking is off)."""
+        if self.session is not None:
+            self.tracker.set_tags(tags)  # type: ignore[attr-defined]
+
     def run_link(self) -> str:
         """A human-readable pointer to the run (a UI URL for an HTTP server, else the run id)."""
         if self.session is None or self.run_id is None:
@@ -43,6 +48,24 @@ class StageTracking:
         return f"MLflow run {self.run_id} in {uri}"
 
 
+def environment_tags() -> dict[str, str]:
+    """Where a run executes: platform, CPU count, torch version and threads, accelerator (``medsynth.env.*``)."""
+    import os
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {
+        "medsynth.env.platform": platform.platform(),
+        "medsynth.env.python": platform.python_version(),
+        "medsynth.env.cpus": str(os.cpu_count()),
+        "medsynth.env.torch": torch.__version__,
+        "medsynth.env.torch_threads": str(torch.get_num_threads()),
+        "medsynth.env.device": device,
+    }
+
+
 def start_pipeline(cfg: MedsynthConfig, name: str | None = None) -> str | None:
     """Create the parent run of one pipeline execution and log the whole resolved config; None if off."""
     if not cfg.tracking.enabled:
@@ -51,7 +74,7 @@ def start_pipeline(cfg: MedsynthConfig, name: str | None = None) -> str | None:
 
     session = MlflowSession(cfg)
     tracker = session.start_run(
-        name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags={"medsynth.stage": "pipeline"}
+        name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags={"medsynth.stage": "pipeline", **environment_tags()}
     )
     session.log_config(tracker)
     return tracker.run_id

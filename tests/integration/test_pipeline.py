@@ -28,6 +28,7 @@ STAGES = {
     "features",
     "validate",
     "experiment",
+    "report",
 }
 NETWORKS = {"autoencoder", "unet", "controlnet", "generator", "segmenter"}
 
@@ -86,6 +87,8 @@ def _check_store(client: Any, experiment: str, parent_id: str) -> None:
     assert "val/lesion_dice_synth" in children["validate"].data.metrics
     assert children["preprocess"].inputs.dataset_inputs  # the data the run saw, with its digest
     assert children["preprocess"].inputs.dataset_inputs[0].dataset.digest
+    assert "report/whitepaper.md" in _artifacts(client, children["report"].info.run_id)
+    assert parent.data.tags["medsynth.env.device"]  # where it ran
     names = {m.name for m in client.search_registered_models()}
     assert {f"medsynth-{experiment}-{n}" for n in NETWORKS} <= names
 
@@ -108,8 +111,42 @@ def test_rerun_is_cached_and_trains_nothing(tiny_run: dict[str, Any]) -> None:
     assert second["synthesize"]["cached"] and second["validate"]["validate"]["cached"]
     assert second["validate"]["segmenter"]["cached"] and second["preprocess"]["n_processed"] == 0
     assert second["experiment"]["n_trained"] == 0 and second["experiment"]["n_skipped"] > 0
-    assert second["experiment"]["n_trained"] == 0 and second["experiment"]["n_skipped"] > 0
     assert tiny_run["t_second"] < tiny_run["t_first"]
+
+
+def test_report_is_built_from_the_runs_that_did_the_work(tiny_run: dict[str, Any], tmp_path: Path) -> None:
+    """`medsynth report` after a cached re-run: numbers and pictures come from the first run's stage runs."""
+    import json
+
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from medsynth.cli import app
+    from medsynth.evaluation.stats import format_estimate
+
+    res = CliRunner().invoke(app, ["report", "-c", str(tiny_run["cfg"]), "--out", str(tmp_path / "wp")])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "wp" / "whitepaper.md").read_text(encoding="utf-8")
+    assert (tmp_path / "wp" / "whitepaper.html").is_file()
+    client = MlflowClient(f"sqlite:///{tiny_run['root'] / 'out' / 'mlflow.db'}")
+    first, second = tiny_run["first"]["mlflow_parent_run"], tiny_run["second"]["mlflow_parent_run"]
+    assert f"`{second[:8]}`" in text  # the latest finished pipeline
+    exp = client.get_experiment_by_name("tiny")
+    first_val = [
+        r
+        for r in client.search_runs([exp.experiment_id], "tags.`medsynth.stage` = 'validate'")
+        if r.data.tags["mlflow.parentRunId"] == first
+    ]
+    assert first_val and f"`{first_val[0].info.run_id[:8]}`" in text  # the run that computed the report
+    report = json.loads(Path(tiny_run["first"]["validate"]["validate"]["report"]).read_text(encoding="utf-8"))
+    lesion = report["plausibility"]["per_label"]["lesion"]
+    assert format_estimate(lesion["dice_synth"]) in text and format_estimate(lesion["ratio"]) in text
+    figures = {p.name for p in (tmp_path / "wp" / "figures" / "tiny").iterdir()}
+    assert {"controlnet_controlnet.png", "validation_closest_pairs.png"} <= figures
+    assert any(n.startswith("experiment_") for n in figures)
+    for line in text.splitlines():
+        if line.startswith("!["):
+            assert (tmp_path / "wp" / line.split("](")[1].rstrip(")")).is_file(), line
 
 
 def test_registered_generator_reproduces_images(tiny_run: dict[str, Any], tmp_path: Path) -> None:

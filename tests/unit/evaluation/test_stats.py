@@ -101,3 +101,12 @@ def test_mean_sd() -> None:
     assert (m, s) == (2.0, 1.0)
     assert format_mean_sd([1.0, 2.0, 3.0], 2) == "2.00 ± 1.00"
     assert math.isnan(mean_sd([1.0])[1])
+
+
+def test_table_formatting_of_values_and_estimates() -> None:
+    from medsynth.evaluation.stats import format_estimate, format_value
+
+    assert format_value(0.12345) == "0.123" and format_value(3) == "3" and format_value(None) == "n/a"
+    assert format_value(float("nan"), missing="–") == "–"
+    assert format_estimate({"value": 0.9, "lo": 0.85, "hi": None}) == "0.900 [0.850, n/a]"
+    assert format_estimate({"value": None}) == "n/a"

@@ -210,3 +210,46 @@ def test_refusals_happen_before_any_generation(generator: MaskGenerator, tmp_pat
     with pytest.raises(DataError, match="no source mask holds lesion label 2"):
         synthesize(_cfg(synthesis={"edits": ["transplant"]}), generator, no_lesion, tmp_path / "t")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]
+
+
+def test_memorisation_guard_refuses_copies_of_training_images(generator: MaskGenerator, tmp_path: Path) -> None:
+    from medsynth.evaluation.memorisation import MemorisationGuard
+
+    masks = _masks(2)
+    plain = synthesize(_cfg(synthesis={"n_grid": 0}), generator, masks, tmp_path / "plain")
+    produced = _images(plain.out_dir)
+    names = sorted(produced)
+    copy = torch.from_numpy(produced[names[0]]).float().reshape(1, 1, SIDE, SIDE)
+    rng = np.random.default_rng(0)
+    noise = torch.from_numpy(rng.random((12, 1, SIDE, SIDE)).astype(np.float32))
+    train = torch.cat([noise[:6], copy])  # one of the generator's outputs sits in its "training set"
+    ids = [f"n{i}" for i in range(6)] + ["the-copy"]
+    guard = MemorisationGuard.from_reference(train, noise[6:], ids, percentile=1.0, distance="ncc")
+    assert 0.5 < guard.threshold < 1.5  # real (noise) test images are far from every training image
+
+    cfg = _cfg(synthesis={"refuse_memorised": True, "n_grid": 0})
+    s = synthesize(cfg, generator, masks, tmp_path / "guarded", guard=guard)
+    assert s.n_refused == 1 and s.n_images == len(produced) - 1
+    refused = json.loads((s.out_dir / "refused_memorised.json").read_text(encoding="utf-8"))["refused"]
+    assert [(r["item_id"], r["nearest_train_id"]) for r in refused] == [(names[0], "the-copy")]
+    assert refused[0]["distance"] < 1e-3 and names[0] not in _images(s.out_dir)
+
+    # nothing left to export: a clear error, and no dataset is committed
+    everything = MemorisationGuard.from_reference(
+        torch.cat(
+            [noise[:6], torch.from_numpy(np.stack([produced[k] for k in names])).float().reshape(-1, 1, SIDE, SIDE)]
+        ),
+        noise[6:],
+        ids[:6] + names,
+    )
+    with pytest.raises(DataError, match="refused as possible copies"):
+        synthesize(cfg, generator, masks, tmp_path / "all", guard=everything)
+    assert not (tmp_path / "all").exists() or not any((tmp_path / "all").iterdir())
+
+    # outputs far from every training image pass a guard whose threshold is small (real test images that
+    # are near-copies of training images: distance ~1e-3)
+    near = noise[:6] + 0.01 * torch.from_numpy(rng.standard_normal((6, 1, SIDE, SIDE)).astype(np.float32))
+    fresh = MemorisationGuard.from_reference(noise[:6], near, ids[:6], percentile=1.0, distance="ncc")
+    assert fresh.threshold < 0.01
+    s2 = synthesize(cfg, generator, masks, tmp_path / "fresh", guard=fresh)
+    assert s2.n_refused == 0 and s2.n_images == len(produced)

@@ -1,0 +1,411 @@
+"""Build the whitepaper (Markdown, plus HTML when the ``markdown`` package is present) from tracked runs.
+
+Every table and figure is rendered from :class:`~medsynth.report.collect.ExperimentResults` (read from
+the MLflow store) and, for the sampler trade-off, from benchmark JSON written by ``benchmarks/``; each
+table names the run ids (or the benchmark command) its numbers come from. Nothing measured is typed
+by hand: re-running the command regenerates the document.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medsynth.evaluation.stats import format_estimate, format_value
+from medsynth.fileio import write_text_atomic
+from medsynth.report import prose
+from medsynth.report.collect import ExperimentResults, collect
+
+log = logging.getLogger(__name__)
+
+WHITEPAPER_MD = "whitepaper.md"
+WHITEPAPER_HTML = "whitepaper.html"
+
+TRAIN_STAGES = {
+    "autoencoder": ("autoencoder", ["ae/val_l1", "ae/val_psnr", "ae/train_l1", "ae/scale_factor"]),
+    "unet": ("diffusion", ["unet/val_loss", "unet/train_loss"]),
+    "controlnet": ("controlnet", ["controlnet/val_loss", "controlnet/train_loss"]),
+    "segmenter": ("segmenter", ["segmenter/val_dice", "segmenter/train_loss"]),
+    "features": ("validation.features", ["features/val_mse", "features/train_loss"]),
+}
+"""Trained stage -> (config section of its optimiser, metrics shown in the training table)."""
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    return format_value(v, digits, missing="–")
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    m, s = divmod(round(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _rid(run_id: str) -> str:
+    return f"`{run_id[:8]}`"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _env(res: ExperimentResults) -> str:
+    t = res.record.parent.tags
+    if "medsynth.env.device" not in t:
+        return "not recorded by this run"
+    return (
+        f"{t['medsynth.env.device']}, {t.get('medsynth.env.cpus', '?')} CPUs "
+        f"({t.get('medsynth.env.torch_threads', '?')} torch threads), torch {t.get('medsynth.env.torch', '?')}, "
+        f"{t.get('medsynth.env.platform', '?')}"
+    )
+
+
+def data_section(results: Sequence[ExperimentResults]) -> list[str]:
+    """Table of datasets: source, dimensionality, size after preprocessing, items and labels."""
+    rows = []
+    for r in results:
+        pre = r.stage("preprocess")
+        labels = r.cfg("data.labels", {}) or {}
+        derived = r.cfg("preprocess.derived_label", {}) or {}
+        if derived.get("enabled"):
+            labels = {**labels, str(derived.get("index")): f"{derived.get('name')} (derived)"}
+        size = "x".join(str(s) for s in r.cfg("preprocess.spatial_size", []) or [])
+        spacing = r.cfg("preprocess.spacing")
+        rows.append(
+            [
+                f"**{r.name}**",
+                "phantom (procedural)" if r.cfg("phantom.enabled") else str(Path(str(r.cfg("data.root", ""))).name),
+                f"{r.cfg('preprocess.spatial_dims')}D {size}"
+                + (f" @ {'x'.join(_f(float(s), 2) for s in spacing)} mm" if spacing else ""),
+                _f(pre.metrics.get("n_cases")) if pre else "–",
+                _f(pre.metrics.get("n_items")) if pre else "–",
+                _f(pre.metrics.get("n_excluded")) if pre else "–",
+                ", ".join(f"{k} {v}" for k, v in labels.items()),
+                _rid(pre.run_id) if pre else "–",
+            ]
+        )
+    return _table(["config", "data", "model input", "cases", "items", "excluded (QC)", "labels", "run"], rows)
+
+
+def training_section(res: ExperimentResults) -> list[str]:
+    """Per trained stage: steps, batch size, wall time and final metrics."""
+    rows = []
+    for stage, (section, keys) in TRAIN_STAGES.items():
+        run = res.stage(stage)
+        if run is None:
+            continue
+        metrics = ", ".join(f"{k.split('/')[-1]} {_f(run.metrics[k], 4)}" for k in keys if k in run.metrics)
+        cached = run.tags.get("medsynth.cached") == "true"
+        rows.append(
+            [
+                stage,
+                _f(res.cfg(f"{section}.train.steps")),
+                _f(res.cfg(f"{section}.train.batch_size")),
+                _dur(run.wall_s) + (" (cached)" if cached else ""),
+                metrics or "–",
+                _rid(run.run_id),
+            ]
+        )
+    for stage in ("latents", "synthesize", "validate", "experiment"):
+        run = res.stage(stage)
+        if run is not None:
+            rows.append([stage, "–", "–", _dur(run.wall_s), "–", _rid(run.run_id)])
+    return [
+        f"Hardware: {_env(res)}. Objective `{res.cfg('diffusion.objective')}`, sampler "
+        f"`{res.cfg('sampling.sampler')}` x{res.cfg('sampling.steps')} steps, guidance "
+        f"{res.cfg('sampling.guidance_scale')}.",
+        "",
+        *_table(["stage", "steps", "batch", "wall time", "final metrics", "run"], rows),
+    ]
+
+
+def plausibility_section(res: ExperimentResults) -> list[str]:
+    """Segmenter Dice real vs synthetic per label with bootstrap CIs, FP rates, and the AE quality."""
+    val = res.validation
+    run = res.stage("validate")
+    if val is None or run is None:
+        return ["_Validation did not run for this config._"]
+    ae = val.get("autoencoder", {})
+    out = [
+        f"{val['n_items']} test items from {val['n_patients']} test patients (run {_rid(run.run_id)}). "
+        f"Autoencoder reconstruction on the test split: PSNR {_f(ae.get('psnr_db'), 2)} dB, SSIM "
+        f"{_f(ae.get('ssim'))}.",
+        "",
+    ]
+    rows = []
+    for name, r in val["plausibility"]["per_label"].items():
+        rows.append(
+            [
+                name,
+                format_estimate(r["dice_real"]),
+                format_estimate(r["dice_synth"]),
+                format_estimate(r["ratio"]),
+                _f(r.get("fp_real", {}).get("value")),
+                _f(r.get("fp_synth", {}).get("value")),
+            ]
+        )
+    out += _table(
+        ["label", "Dice on real", "Dice on synthetic", "ratio synth/real", "FP rate real", "FP rate synth"], rows
+    )
+    out += [
+        "",
+        "Dice values are means over test items holding the label, with 95% bootstrap intervals over patients; "
+        "the FP rate is the fraction of items WITHOUT the label in which the segmenter finds it.",
+    ]
+    return out
+
+
+def realism_section(res: ExperimentResults) -> list[str]:
+    """Fréchet distance/KID (in-domain), intensity Wasserstein, diversity and memorisation."""
+    val = res.validation
+    if val is None:
+        return []
+    rl, dv, mm = val["realism"], val["diversity"], val["memorisation"]
+    wass = ", ".join(
+        f"{v['name']} {_f(v.get('wasserstein'), 4)}" for v in val.get("intensity_wasserstein", {}).values()
+    )
+    rows = [
+        ["Fréchet distance, real test vs synthetic", _f(rl.get("fid")), "in-domain encoder (not Inception)"],
+        ["  reference: real test vs real train", _f(rl.get("reference_fid")), "the floor a perfect generator reaches"],
+        ["KID, real test vs synthetic", _f(rl.get("kid_mean"), 4), ""],
+        ["  reference: real test vs real train", _f(rl.get("reference_kid_mean"), 4), ""],
+        ["intensity Wasserstein per label", wass or "–", "images in [0, 1]"],
+        [f"diversity: mean pairwise {dv.get('method', 'MS-SSIM')} among seeds", _f(dv.get("mean")), "1 = identical"],
+        [
+            "memorisation: fraction flagged",
+            _f(mm.get("fraction_flagged"), 4),
+            f"closer to a training image than the {mm.get('percentile', 1)}th percentile of real test images",
+        ],
+    ]
+    return _table(["measure", "value", "note"], rows)
+
+
+def downstream_section(res: ExperimentResults) -> list[str]:
+    """The grid summary: metric per (arm, fraction, ratio) with CIs and the paired comparison."""
+    rows_in = res.experiment_rows
+    run = res.stage("experiment")
+    if not rows_in or run is None:
+        return ["_The downstream experiment did not run for this config._"]
+    metric = "auroc" if "auroc_mean" in rows_in[0] else "dice"
+    label = "AUROC" if metric == "auroc" else "Dice"
+    rows = []
+    for r in rows_in:
+        arm = {"real": "real" if not r["ratio"] else f"real + {r['ratio']}x synthetic"}.get(
+            r["arm"], "real + classical aug." if r["arm"] == "real_classical" else f"synthetic only ({r['ratio']}x)"
+        )
+        delta = "–"
+        if r.get("delta_vs_real") is not None:
+            delta = f"{_f(r['delta_vs_real'])} [{_f(r.get('delta_lo'))}, {_f(r.get('delta_hi'))}]"
+        rows.append(
+            [
+                arm,
+                f"{100 * float(r['fraction']):g}%",
+                _f(r.get("n_real_patients")),
+                _f(r.get("n_real")),
+                _f(r.get("n_synthetic")),
+                f"{_f(r.get(f'{metric}_mean'))} ± {_f(r.get(f'{metric}_sd'))}",
+                f"[{_f(r.get('ci_lo'))}, {_f(r.get('ci_hi'))}]",
+                delta,
+                _f(r.get("p_value"), 4),
+            ]
+        )
+    cells = res.record.cells
+    out = [
+        f"Task: {'tumour/lesion presence per image' if metric == 'auroc' else 'segmentation'}; "
+        f"{len(cells)} grid cells, each its own tracked run under the experiment run {_rid(run.run_id)}; "
+        f"{res.cfg('experiment.train.steps')} optimiser steps per cell.",
+        "",
+        *_table(
+            [
+                "arm",
+                "real patients",
+                "n patients",
+                "n real",
+                "n synthetic",
+                f"{label} mean ± sd (seeds)",
+                "95% CI",
+                f"Δ {label} vs real only [95% CI]",
+                "p",
+            ],
+            rows,
+        ),
+    ]
+    return out
+
+
+def sampler_section(bench_dir: Path | None) -> list[str]:
+    """Sampler speed/quality from ``benchmarks/results/sampling*.json`` (when present)."""
+    files = sorted(bench_dir.glob("sampling*.json")) if bench_dir and bench_dir.is_dir() else []
+    if not files:
+        return ["_No sampling benchmark result found (run `make bench`)._"]
+    out: list[str] = []
+    for path in files:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows = []
+        for r in data.get("rows", []):
+            rows.append([str(r.get(k, "–")) if not isinstance(r.get(k), float) else _f(r[k]) for k in r])
+        header = list(data["rows"][0]) if data.get("rows") else []
+        out += [
+            f"From `{path.name}` (command: `{data.get('command', '?')}`; "
+            f"device: {data.get('machine', {}).get('device', '?')}).",
+            "",
+            *_table(header, rows),
+            "",
+        ]
+    return out
+
+
+def _figure(res: ExperimentResults, key: str, caption: str) -> list[str]:
+    """An image with its caption; ``key`` is a figure name or, ending in ``*``, a prefix."""
+    if key.endswith("*"):
+        key = next((k for k in sorted(res.figures) if k.startswith(key[:-1])), "")
+    path = res.figures.get(key)
+    return [f"![{caption}]({path})", "", f"*{caption}*", ""] if path else []
+
+
+def render(results: Sequence[ExperimentResults], bench_dir: Path | None, command: str) -> str:
+    """The whitepaper as Markdown."""
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    uris = sorted({r.record.tracking_uri for r in results})
+    lines = [
+        "# Mask-conditioned MRI synthesis at small scale: does it help a model trained on limited real data?",
+        "",
+        f"_Generated {now} by `{command}` from the MLflow store {', '.join(f'`{u}`' for u in uris)}. Every "
+        "number below is read from a tracked run whose id (first 8 characters) is given next to it, or from "
+        "a benchmark JSON named with its command. Do not edit by hand: re-run the command._",
+        "",
+        "## 1. Question",
+        "",
+        prose.QUESTION,
+        "",
+        "## 2. Data",
+        "",
+        *data_section(results),
+        "",
+        "LGG FLAIR: TCGA-LGG slices with tumour masks (Buda et al.); hippocampus: Medical Segmentation Decathlon "
+        "task 4 (anterior/posterior hippocampus); phantom: procedural images generated by the project (not "
+        "anatomy). Splits are by patient, fixed per config.",
+        "",
+        "## 3. Methods",
+        "",
+        prose.METHODS,
+        "",
+        "## 4. Results",
+        "",
+    ]
+    for i, res in enumerate(results, 1):
+        lines += [
+            f"### 4.{i} {res.name}",
+            "",
+            f"Pipeline run {_rid(res.record.parent.run_id)} ({res.record.parent.name}); registered models: "
+            + (", ".join(f"`{m}`" for m in res.record.models) or "none")
+            + ".",
+            "",
+            "**Training.**",
+            "",
+            *training_section(res),
+            "",
+            *_figure(res, "controlnet/controlnet", f"{res.name}: ControlNet samples (image | mask | synthetic)"),
+            "**Plausibility.**",
+            "",
+            *plausibility_section(res),
+            "",
+            *_figure(
+                res,
+                "validation/real_vs_synthetic",
+                f"{res.name}: real test images and synthetic images generated from their masks",
+            ),
+            *_figure(res, "validation/worst_cases", f"{res.name}: the 5 worst synthetic cases by Dice"),
+            "**Realism, diversity, memorisation.**",
+            "",
+            *realism_section(res),
+            "",
+            *_figure(
+                res,
+                "validation/closest_pairs",
+                f"{res.name}: synthetic images and their nearest training images (memorisation audit)",
+            ),
+            "**Downstream augmentation.**",
+            "",
+            *downstream_section(res),
+            "",
+            *_figure(res, "experiment/*", f"{res.name}: downstream metric vs real-data fraction"),
+        ]
+    lines += [
+        f"### 4.{len(results) + 1} Sampler speed and quality",
+        "",
+        *sampler_section(bench_dir),
+        "## 5. Limitations",
+        "",
+        prose.LIMITATIONS,
+        "",
+        "## 6. Context: published work",
+        "",
+        prose.CONTEXT,
+        "",
+        "## Appendix: runs",
+        "",
+    ]
+    for res in results:
+        lines.append(
+            f"- **{res.name}**: pipeline `{res.record.parent.run_id}`; "
+            + "; ".join(f"{r.stage or r.name} `{r.run_id}`" for r in res.ordered_stages())
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _html(md_text: str, title: str) -> str | None:
+    try:
+        import markdown
+    except ImportError:
+        return None
+    body = markdown.markdown(md_text, extensions=["tables"])
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.45}"
+        "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:.25em .5em}"
+        "img{max-width:100%}code{background:#f4f4f4}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head>"
+        f"<body>{body}</body></html>\n"
+    )
+
+
+def build_whitepaper(
+    tracking_uri: str,
+    experiments: Sequence[str],
+    out_dir: str | Path,
+    bench_dir: str | Path | None = None,
+    command: str = "medsynth report",
+    run_ids: dict[str, str] | None = None,
+) -> Path:
+    """Collect the latest finished pipeline run of each experiment and write the whitepaper.
+
+    Args:
+        tracking_uri: MLflow tracking URI holding the runs.
+        experiments: Experiment (config) names, in the order they appear.
+        out_dir: Output folder (``whitepaper.md``, ``whitepaper.html`` when possible, ``figures/``).
+        bench_dir: Folder of benchmark JSON results (``benchmarks/results``); None skips that section.
+        command: The command line quoted in the document.
+        run_ids: Experiment -> a specific pipeline (parent) run, e.g. one still running (its report stage).
+
+    Returns:
+        Path of the Markdown file.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [collect(tracking_uri, name, out, run_id=(run_ids or {}).get(name)) for name in experiments]
+    text = render(results, Path(bench_dir) if bench_dir else None, command)
+    md = write_text_atomic(out / WHITEPAPER_MD, text)
+    html = _html(text, "medsynth whitepaper")
+    if html is not None:
+        write_text_atomic(out / WHITEPAPER_HTML, html)
+    log.info("whitepaper written to %s (%d experiments)", md, len(results))
+    return md
