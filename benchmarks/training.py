@@ -57,9 +57,16 @@ from medsynth.models.autoencoder import build_autoencoder, downsample_factor, en
 from medsynth.models.controlnet import init_controlnet_from_unet, one_hot_mask
 from medsynth.models.unet import build_diffusion_unet, encoder_kwargs
 from medsynth.synthesis.generator import build_controlled, latent_channels, latent_spatial_shape, make_objective
-from medsynth.training.common import autocast, batch_indices, make_ema, make_optimizer, step_generator
-from medsynth.training.controlnet import drop_masks
-from medsynth.training.denoising import bind_cond, denoising_loss, label_weight_map
+from medsynth.training.common import (
+    autocast,
+    batch_indices,
+    make_ema,
+    make_optimizer,
+    optimizer_step,
+    step_generator,
+)
+from medsynth.training.controlnet import controlnet_loss, drop_masks
+from medsynth.training.latents import LatentSet
 
 NAME = "training"
 TARGET = 1.5
@@ -145,14 +152,7 @@ class _Trainer:
         return idx, g, one_hot_mask(self.data.masks[idx].to(self.device).long(), self.num_classes)
 
     def _update(self, loss: Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.oc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.cn.parameters(), self.oc.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.cn)
+        optimizer_step(loss, self.cn, self.opt, self.sched, self.oc.grad_clip, self.ema)
         self.step_index += 1
 
     def step(self) -> float:
@@ -178,17 +178,16 @@ class CachedLatentTrainer(_Trainer):
         unet = build_diffusion_unet(cfg.diffusion, cfg.preprocess.spatial_dims, latent_channels(cfg))
         self.model = build_controlled(cfg, unet, num_classes).to(device)
         super().__init__(cfg, self.model.controlnet, data, num_classes, batch_size)
+        ids = [str(i) for i in range(len(data))]
+        self.cache = LatentSet(data.latents, data.masks, data.images, ids, data.scale_factor, num_classes)
 
     def step(self) -> float:
-        """One training step, as in ``train_controlnet``."""
-        sc = self.cfg.controlnet
-        idx, g, onehot = self._batch()
-        x0 = self.data.latents[idx].to(self.device) * self.data.scale_factor
-        weights = label_weight_map(onehot, sc.label_weights, downsample_factor(self.cfg.autoencoder))
-        cond = drop_masks(onehot, sc.mask_dropout, g)
+        """One training step: the loss and update functions ``train_controlnet`` itself calls."""
+        idx = batch_indices(len(self.data), self.step_index, self.batch_size, self.oc.seed)
+        g = step_generator(self.oc.seed, self.step_index, 0, self.device)
         self.model.train()
-        with autocast(self.device, self.oc.amp):
-            loss = denoising_loss(bind_cond(self.model, cond), self.objective, x0, g, weights)
+        factor = downsample_factor(self.cfg.autoencoder)
+        loss = controlnet_loss(self.model, self.objective, self.cache, idx, g, self.cfg.controlnet, factor, self.oc.amp)
         self._update(loss)
         return float(loss.detach())
 

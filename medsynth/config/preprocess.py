@@ -19,6 +19,12 @@ class QCConfig(StrictModel):
         1e-3, gt=0, description="Relative tolerance when comparing image and mask spacing/origin/direction."
     )
     check_constant: bool = Field(True, description="Flag images whose intensities are constant.")
+    min_signal: float | None = Field(
+        None,
+        description="Flag near-empty images: the 99.5th percentile of the RAW intensities is below this value "
+        "(e.g. noise-only edge slices of a stack, which percentile normalisation would stretch into full-range "
+        "noise). In the data's own units (LGG 8-bit FLAIR: anatomy reaches 100-250, edge slices < 30). None: off.",
+    )
     n_overlays: int = Field(12, ge=0, description="Number of cases drawn as PNG overlays in the QC report.")
 
 

@@ -59,7 +59,8 @@ def load_split(cache_dir: str | Path, split: str | None, max_items: int | None =
     Args:
         cache_dir: Folder holding ``manifest.json``.
         split: "train", "val", "test" or None for all.
-        max_items: Keep only the first N items (deterministic order), for quick runs.
+        max_items: Keep N items spread evenly over the split's (sorted, patient-grouped) items, so a
+            subset still covers every patient rather than the first few; None keeps all.
 
     Returns:
         An :class:`ArraySet`.
@@ -70,8 +71,9 @@ def load_split(cache_dir: str | Path, split: str | None, max_items: int | None =
     cache = Path(cache_dir)
     manifest = load_manifest(cache)
     items = [it for it in manifest["items"] if split is None or it["split"] == split]
-    if max_items is not None:
-        items = items[:max_items]
+    if max_items is not None and len(items) > max_items:
+        keep = np.linspace(0, len(items) - 1, max_items).round().astype(np.int64)
+        items = [items[int(i)] for i in np.unique(keep)]
     if not items:
         raise DataError(cache / "manifest.json", f"split {split!r} has no items")
     by_file: dict[str, list[dict[str, object]]] = {}

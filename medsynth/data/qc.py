@@ -25,7 +25,7 @@ class CaseQC:
         problems: ``(code, path, message)`` triples, path being the file at fault; empty when the
             case is fine. Codes: ``unreadable``,
             ``missing_mask``, ``shape_mismatch``, ``geometry_mismatch``, ``label_values``,
-            ``non_finite``, ``constant``.
+            ``non_finite``, ``constant``, ``near_empty``.
         info: Shape, spacing, intensity range and label voxel counts (when readable).
     """
 
@@ -99,6 +99,15 @@ def check_pair(
         qc.info["intensity"] = [lo, hi]
         if qc_cfg.check_constant and hi == lo:
             qc.add("constant", img.path, f"image is constant (all voxels = {lo:g})")
+        elif qc_cfg.min_signal is not None:
+            top = float(np.percentile(np.asarray(arr, dtype=np.float64), 99.5))
+            if top < qc_cfg.min_signal:
+                qc.add(
+                    "near_empty",
+                    img.path,
+                    f"image is near-empty: 99.5th percentile {top:g} < qc.min_signal {qc_cfg.min_signal:g} "
+                    "(noise only, no anatomy)",
+                )
     remapped: npt.NDArray[np.int64] | None = None
     if mask is None:
         qc.add("missing_mask", img.path, "no mask found for this image")

@@ -38,6 +38,7 @@ from medsynth.training.common import (
     autocast,
     batch_indices,
     make_optimizer,
+    optimizer_step,
     seeded_global_rng,
     set_threads,
 )
@@ -229,12 +230,7 @@ def train_classifier(
         with autocast(dev, oc.amp), seeded_global_rng(seed, step, 0, dev):
             logits = net(x).reshape(-1)
         loss = F.binary_cross_entropy_with_logits(logits.float(), yb, pos_weight=pos_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if oc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), oc.grad_clip)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, net, opt, sched, oc.grad_clip)
         done, loss_v = step + 1, float(loss.detach())
         progress.advance(1, f"loss={loss_v:.4f}")
         if done % 10 == 0 or done == oc.steps:

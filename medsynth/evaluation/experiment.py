@@ -93,6 +93,7 @@ from medsynth.training.common import (
     autocast,
     batch_indices,
     make_optimizer,
+    optimizer_step,
     seeded_global_rng,
     set_threads,
 )
@@ -611,12 +612,7 @@ def train_cell_segmenter(
         with autocast(dev, oc.amp), seeded_global_rng(seed, step, 0, dev):
             logits = net(x)
         loss = loss_fn(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if oc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), oc.grad_clip)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, net, opt, sched, oc.grad_clip)
         if (step + 1) % 10 == 0 or step + 1 == oc.steps:
             tracker.log_metrics({"train_loss": float(loss.detach())}, step=step + 1)
     return Segmenter(net, num_classes, roi, labels).eval()
@@ -745,7 +741,8 @@ def _clean(v: float) -> float | None:
 def _eval_subset(data: ArraySet | None, max_items: int | None) -> ArraySet | None:
     if data is None or max_items is None or len(data) <= max_items:
         return data
-    return data.subset(list(range(max_items)))
+    keep = np.unique(np.linspace(0, len(data) - 1, max_items).round().astype(np.int64))
+    return data.subset([int(i) for i in keep])  # spread over the split: every patient stays represented
 
 
 CellMap = Callable[[Callable[["Cell"], dict[str, Any]], list["Cell"], Callable[[dict[str, Any]], None]], None]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from medsynth.config.evaluation import FeatureEncoderConfig
-from medsynth.config.loader import config_dict, save_resolved
+from medsynth.config.loader import save_resolved
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import ArraySet, load_split
 from medsynth.errors import DataError
@@ -36,9 +36,8 @@ from medsynth.training.checkpoint import (
     find_checkpoint,
     restore_training_state,
     resumable_checkpoint,
-    save_checkpoint,
 )
-from medsynth.training.common import autocast, batch_indices, make_optimizer, set_threads
+from medsynth.training.common import autocast, batch_indices, make_optimizer, optimizer_step, set_threads
 from medsynth.training.context import StageContext, StepTimer
 
 ENCODER = "feature_encoder"
@@ -181,12 +180,7 @@ def train_feature_encoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: Stage
         enc.train()
         with autocast(dev, oc.amp):
             loss = F.mse_loss(enc(x).float(), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if oc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(enc.parameters(), oc.grad_clip)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, enc, opt, sched, oc.grad_clip)
         # --- logging, validation, checkpoints ---
         done, loss_v = step + 1, float(loss.detach())
         ctx.progress.advance(1, f"loss={loss_v:.4f}")
@@ -197,27 +191,19 @@ def train_feature_encoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: Stage
             metrics = {"val_mse": _val_loss(enc, val_sub, fc.objective, oc.batch_size, dev)}
             ctx.tracker.log_metrics({"features/val_mse": metrics["val_mse"]}, step=done)
         if done % oc.ckpt_every == 0 and done < oc.steps:
-            save_checkpoint(
-                ctx.run_dir,
-                done,
-                {ENCODER: enc},
-                {"encoder": opt},
-                {"encoder": sched},
-                config_dict(cfg),
-                extras=ctx.extras(),
-                keep=oc.keep_checkpoints,
-            )
+            ctx.save(done, {ENCODER: enc}, {"encoder": opt}, {"encoder": sched}, cfg, oc.keep_checkpoints)
 
-    ckpt = save_checkpoint(
-        ctx.run_dir,
+    ckpt = ctx.save(
         oc.steps,
         {ENCODER: enc},
         {"encoder": opt},
         {"encoder": sched},
-        config_dict(cfg),
-        extras=ctx.extras(num_classes=train.num_classes, num_outputs=enc.head.out_features, **metrics),
-        keep=oc.keep_checkpoints,
+        cfg,
+        oc.keep_checkpoints,
         final=True,
+        num_classes=train.num_classes,
+        num_outputs=enc.head.out_features,
+        **metrics,
     )
     return StageResult(ctx.run_dir, ckpt.path, metrics)
 

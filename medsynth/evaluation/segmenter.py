@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medsynth.config.loader import config_dict, save_resolved
+from medsynth.config.loader import save_resolved
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import ArraySet, load_split
 from medsynth.errors import DataError
@@ -35,13 +35,13 @@ from medsynth.training.checkpoint import (
     find_checkpoint,
     restore_training_state,
     resumable_checkpoint,
-    save_checkpoint,
 )
 from medsynth.training.common import (
     autocast,
     batch_indices,
     make_ema,
     make_optimizer,
+    optimizer_step,
     seeded_global_rng,
     set_threads,
     step_generator,
@@ -292,14 +292,7 @@ def train_segmenter(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageContex
             logits = model(x)
         loss = loss_fn(logits.float(), y)
         # --- update: clip, step, warm-up schedule, EMA ---
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if oc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), oc.grad_clip)
-        opt.step()
-        sched.step()
-        if ema is not None:
-            ema.update_parameters(net)
+        optimizer_step(loss, net, opt, sched, oc.grad_clip, ema)
         # --- logging, validation Dice, checkpoints ---
         done, loss_v = step + 1, float(loss.detach())
         ctx.progress.advance(1, f"loss={loss_v:.4f}")
@@ -310,16 +303,7 @@ def train_segmenter(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageContex
             quick = validation_dice(eval_net(), val_quick, sc.predict_batch_size, labels)
             ctx.tracker.log_metrics({"segmenter/val_dice": quick["val_dice"]}, step=done)
         if ctx.dist.is_main and done % oc.ckpt_every == 0 and done < oc.steps:
-            save_checkpoint(
-                ctx.run_dir,
-                done,
-                networks,
-                {"segmenter": opt},
-                {"segmenter": sched},
-                config_dict(cfg),
-                extras=ctx.extras(),
-                keep=oc.keep_checkpoints,
-            )
+            ctx.save(done, networks, {"segmenter": opt}, {"segmenter": sched}, cfg, oc.keep_checkpoints)
 
     # --- final validation on the whole val split, final checkpoint, prediction grid ---
     final = eval_net().to(dev).eval()
@@ -327,22 +311,19 @@ def train_segmenter(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageContex
         return SegmenterResult(ctx.run_dir, ctx.run_dir, metrics, final)
     metrics = validation_dice(final, val, sc.predict_batch_size, labels)
     ctx.tracker.log_metrics({f"segmenter/{k}": v for k, v in metrics.items()}, step=oc.steps)
-    ckpt = save_checkpoint(
-        ctx.run_dir,
+    ckpt = ctx.save(
         oc.steps,
         networks,
         {"segmenter": opt},
         {"segmenter": sched},
-        config_dict(cfg),
-        extras=ctx.extras(
-            num_classes=num_classes,
-            labels={str(k): v for k, v in labels.items()},
-            roi_size=list(roi),
-            val_split="val" if val is not train else "train",
-            **metrics,
-        ),
-        keep=oc.keep_checkpoints,
+        cfg,
+        oc.keep_checkpoints,
         final=True,
+        num_classes=num_classes,
+        labels={str(k): v for k, v in labels.items()},
+        roi_size=list(roi),
+        val_split="val" if val is not train else "train",
+        **metrics,
     )
     grid = _grid(ctx.run_dir / "samples" / "segmenter_val.png", final, val)
     ctx.tracker.log_artifact(grid, "samples/segmenter")

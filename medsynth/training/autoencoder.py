@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medsynth.config.loader import config_dict, save_resolved
+from medsynth.config.loader import save_resolved
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import ArraySet, load_split
 from medsynth.errors import DataError
@@ -20,13 +20,13 @@ from medsynth.training.checkpoint import (
     completed_checkpoint,
     restore_training_state,
     resumable_checkpoint,
-    save_checkpoint,
 )
 from medsynth.training.common import (
     autocast,
     batch_indices,
     make_ema,
     make_optimizer,
+    optimizer_step,
     seeded_global_rng,
     set_threads,
     unwrap,
@@ -166,14 +166,7 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
             if use_adv and d_model is not None:
                 g_adv = adv(d_model(recon.float())[-1], target_is_real=True, for_discriminator=False)
                 loss = loss + sc.adv_weight * g_adv
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if oc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(ae.parameters(), oc.grad_clip)
-        opt.step()
-        sched.step()
-        if ema is not None:
-            ema.update_parameters(ae)
+        optimizer_step(loss, ae, opt, sched, oc.grad_clip, ema)
         # --- discriminator step ---
         if use_adv and d_model is not None and opt_d is not None:
             with autocast(dev, oc.amp):
@@ -199,16 +192,7 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
             grid = _sample_grid(ctx.run_dir / "samples" / f"recon_step{done:07d}.png", val_x, rec)
             ctx.tracker.log_artifact(grid, "samples/autoencoder")
         if ctx.dist.is_main and done % oc.ckpt_every == 0 and done < oc.steps:
-            save_checkpoint(
-                ctx.run_dir,
-                done,
-                networks,
-                optimizers,
-                {"ae": sched},
-                config_dict(cfg),
-                extras=ctx.extras(),
-                keep=oc.keep_checkpoints,
-            )
+            ctx.save(done, networks, optimizers, {"ae": sched}, cfg, oc.keep_checkpoints)
 
     # --- latent scale factor from the training data, final checkpoint ---
     final_net = ema.module if ema is not None else ae
@@ -216,16 +200,16 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
     scale = latent_scale_factor(final_net, train.images[: min(len(train), 512)], dev)
     ckpt: Checkpoint | None = None
     if ctx.dist.is_main:
-        ckpt = save_checkpoint(
-            ctx.run_dir,
+        ckpt = ctx.save(
             oc.steps,
             networks,
             optimizers,
             {"ae": sched},
-            config_dict(cfg),
-            extras=ctx.extras(scale_factor=scale, **metrics),
-            keep=oc.keep_checkpoints,
+            cfg,
+            oc.keep_checkpoints,
             final=True,
+            scale_factor=scale,
+            **metrics,
         )
         ctx.tracker.log_metrics({"ae/scale_factor": scale}, step=oc.steps)
     path = ckpt.path if ckpt else ctx.run_dir

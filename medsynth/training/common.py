@@ -78,6 +78,35 @@ def make_ema(model: torch.nn.Module, decay: float | None) -> AveragedModel | Non
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+def optimizer_step(
+    loss: torch.Tensor,
+    module: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None,
+    grad_clip: float | None = None,
+    ema: AveragedModel | None = None,
+) -> None:
+    """One update: clear gradients, backpropagate ``loss``, clip ``module``'s gradient norm, step, update EMA.
+
+    Args:
+        loss: Scalar loss.
+        module: The trained network (its parameters are clipped and averaged).
+        opt: Its optimiser.
+        sched: Learning-rate schedule stepped after the optimiser (None: none).
+        grad_clip: Largest gradient norm (None or 0: no clipping).
+        ema: EMA copy of ``module`` updated after the step (None: none).
+    """
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    if ema is not None:
+        ema.update_parameters(module)
+
+
 def batch_indices(n: int, step: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
     """Indices of this process's batch at ``step``: epoch-wise permutations derived from the seed.
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from medsynth.config.loader import config_dict
+from medsynth.config.schema import MedsynthConfig
 from medsynth.progress import NullProgress, Progress
 from medsynth.tracking.base import NullTracker, Tracker
+from medsynth.training.checkpoint import Checkpoint, save_checkpoint
 from medsynth.training.common import DistInfo, eta_str, init_distributed, pick_device
 
 log = logging.getLogger("medsynth.training")
@@ -59,6 +63,41 @@ class StageContext:
     def extras(self, **values: Any) -> dict[str, Any]:
         """Checkpoint extras: ``values`` plus the stage's input key."""
         return {**values, "input_key": self.input_key}
+
+    def save(
+        self,
+        step: int,
+        networks: Mapping[str, torch.nn.Module],
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        schedulers: Mapping[str, Any],
+        cfg: MedsynthConfig,
+        keep: int,
+        final: bool = False,
+        **extras: Any,
+    ) -> Checkpoint:
+        """Checkpoint the stage into ``run_dir`` (weights, optimiser state, resolved config, extras + input key).
+
+        Args:
+            step: Completed optimiser steps.
+            networks: Named modules saved as safetensors.
+            optimizers: Named optimisers.
+            schedulers: Named LR schedulers.
+            cfg: The resolved config, saved as JSON beside the weights.
+            keep: Step folders kept.
+            final: Mark training as complete (``final.json``).
+            **extras: JSON-compatible values stored with the checkpoint (e.g. ``scale_factor``).
+        """
+        return save_checkpoint(
+            self.run_dir,
+            step,
+            networks,
+            optimizers,
+            schedulers,
+            config_dict(cfg),
+            extras=self.extras(**extras),
+            keep=keep,
+            final=final,
+        )
 
 
 class StepTimer:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from medsynth.config.loader import config_dict, save_resolved
+from medsynth.config.loader import save_resolved
 from medsynth.config.schema import MedsynthConfig
+from medsynth.config.stages import ControlNetStage
 from medsynth.diffusion.objectives import DiffusionObjective
 from medsynth.models.autoencoder import downsample_factor
 from medsynth.models.controlnet import ControlledUNet, one_hot_mask
@@ -25,13 +28,13 @@ from medsynth.training.checkpoint import (
     completed_checkpoint,
     restore_training_state,
     resumable_checkpoint,
-    save_checkpoint,
 )
 from medsynth.training.common import (
     autocast,
     batch_indices,
     make_ema,
     make_optimizer,
+    optimizer_step,
     set_threads,
     step_generator,
     wrap_ddp,
@@ -64,6 +67,44 @@ def control_grid(path: Path, images: torch.Tensor, masks: torch.Tensor, synth: t
             ]
         )
     return save_grid(path, rows, col_titles=["real image", "mask", "synthetic", "synthetic + mask"])
+
+
+def controlnet_loss(
+    model: torch.nn.Module,
+    objective: DiffusionObjective,
+    data: LatentSet,
+    idx: npt.NDArray[np.int64],
+    g: torch.Generator,
+    sc: ControlNetStage,
+    factor: int,
+    amp: str = "none",
+) -> torch.Tensor:
+    """The ControlNet training loss on one batch of the latent cache.
+
+    Scaled cached latent means, the full-resolution one-hot masks (a ``mask_dropout`` share replaced
+    by the null mask for classifier-free guidance), per-label loss weights at latent resolution, and
+    the objective's denoising loss through the controlled UNet.
+
+    Args:
+        model: The :class:`~medsynth.models.controlnet.ControlledUNet` (possibly DDP-wrapped).
+        objective: The diffusion objective (noise schedule and target).
+        data: Latent cache: latents ``(N, C, *L)``, masks ``(N, 1, *L * factor)``, scale factor.
+        idx: Batch indices into ``data``.
+        g: Generator of this step's noise, timesteps and mask dropout.
+        sc: ControlNet section (``label_weights``, ``mask_dropout``).
+        factor: The autoencoder's image-to-latent factor.
+        amp: Mixed-precision mode (CUDA only).
+
+    Returns:
+        Scalar loss.
+    """
+    dev = g.device
+    x0 = data.latents[idx].to(dev) * data.scale_factor
+    onehot = one_hot_mask(data.masks[idx].to(dev).long(), data.num_classes)
+    weights = label_weight_map(onehot, sc.label_weights, factor)
+    cond = drop_masks(onehot, sc.mask_dropout, g)
+    with autocast(dev, amp):
+        return denoising_loss(bind_cond(model, cond), objective, x0, g, weights)
 
 
 def train_controlnet(
@@ -116,25 +157,11 @@ def train_controlnet(
     metrics: dict[str, float] = {}
 
     for step in range(start, oc.steps):
-        # --- batch: scaled latents, one-hot masks (some dropped to the null mask), loss weights ---
         idx = batch_indices(len(train), step, oc.batch_size, oc.seed, ctx.dist.rank, ctx.dist.world_size)
-        x0 = train.latents[idx].to(dev) * train.scale_factor
-        onehot = one_hot_mask(train.masks[idx].to(dev).long(), train.num_classes)
         g = step_generator(oc.seed, step, ctx.dist.rank, dev)
-        weights = label_weight_map(onehot, sc.label_weights, factor)
-        cond = drop_masks(onehot, sc.mask_dropout, g)
         model.train()
-        with autocast(dev, oc.amp):
-            loss = denoising_loss(bind_cond(model, cond), objective, x0, g, weights)
-        # --- update (ControlNet parameters only) ---
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if oc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(cn.parameters(), oc.grad_clip)
-        opt.step()
-        sched.step()
-        if ema is not None:
-            ema.update_parameters(cn)
+        loss = controlnet_loss(model, objective, train, idx, g, sc, factor, oc.amp)
+        optimizer_step(loss, cn, opt, sched, oc.grad_clip, ema)  # ControlNet parameters only
         # --- logging, validation, checkpoints ---
         done = step + 1
         ctx.progress.advance(1, f"loss={loss.item():.4f}")
@@ -145,30 +172,21 @@ def train_controlnet(
             metrics = {"val_loss": _ema_val_loss(controlled, ema, objective, val, oc.batch_size, oc.val_batches, dev)}
             ctx.tracker.log_metrics({"controlnet/val_loss": metrics["val_loss"]}, step=done)
         if ctx.dist.is_main and done % oc.ckpt_every == 0 and done < oc.steps:
-            save_checkpoint(
-                ctx.run_dir,
-                done,
-                networks,
-                {"controlnet": opt},
-                {"controlnet": sched},
-                config_dict(cfg),
-                extras=ctx.extras(),
-                keep=oc.keep_checkpoints,
-            )
+            ctx.save(done, networks, {"controlnet": opt}, {"controlnet": sched}, cfg, oc.keep_checkpoints)
 
     # --- final checkpoint and a mask-conditioned sample grid on validation masks ---
     if not ctx.dist.is_main:
         return StageResult(ctx.run_dir, ctx.run_dir, metrics)
-    ckpt = save_checkpoint(
-        ctx.run_dir,
+    ckpt = ctx.save(
         oc.steps,
         networks,
         {"controlnet": opt},
         {"controlnet": sched},
-        config_dict(cfg),
-        extras=ctx.extras(num_classes=train.num_classes, **metrics),
-        keep=oc.keep_checkpoints,
+        cfg,
+        oc.keep_checkpoints,
         final=True,
+        num_classes=train.num_classes,
+        **metrics,
     )
     if ae_run is not None:
         gen = load_generator(cfg, ae_run, unet_run, ctx.run_dir, dev, train.num_classes)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from medsynth.config.loader import config_dict, save_resolved
+from medsynth.config.loader import save_resolved
 from medsynth.config.schema import MedsynthConfig
 from medsynth.models.unet import build_diffusion_unet
 from medsynth.synthesis.generator import UNET, UNET_EMA, load_generator, make_objective
@@ -15,13 +15,13 @@ from medsynth.training.checkpoint import (
     completed_checkpoint,
     restore_training_state,
     resumable_checkpoint,
-    save_checkpoint,
 )
 from medsynth.training.common import (
     autocast,
     batch_indices,
     make_ema,
     make_optimizer,
+    optimizer_step,
     set_threads,
     step_generator,
     wrap_ddp,
@@ -87,14 +87,7 @@ def train_diffusion(
         with autocast(dev, oc.amp):
             loss = denoising_loss(bind_cond(unconditional(model), None), objective, x0, g)
         # --- update ---
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if oc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), oc.grad_clip)
-        opt.step()
-        sched.step()
-        if ema is not None:
-            ema.update_parameters(unet)
+        optimizer_step(loss, unet, opt, sched, oc.grad_clip, ema)
         # --- logging, validation, checkpoints ---
         done = step + 1
         ctx.progress.advance(1, f"loss={loss.item():.4f}")
@@ -115,30 +108,21 @@ def train_diffusion(
             metrics = {"val_loss": vl}
             ctx.tracker.log_metrics({"unet/val_loss": metrics["val_loss"]}, step=done)
         if ctx.dist.is_main and done % oc.ckpt_every == 0 and done < oc.steps:
-            save_checkpoint(
-                ctx.run_dir,
-                done,
-                networks,
-                {"unet": opt},
-                {"unet": sched},
-                config_dict(cfg),
-                extras=ctx.extras(),
-                keep=oc.keep_checkpoints,
-            )
+            ctx.save(done, networks, {"unet": opt}, {"unet": sched}, cfg, oc.keep_checkpoints)
 
     # --- final checkpoint and an unconditional sample grid ---
     if not ctx.dist.is_main:
         return StageResult(ctx.run_dir, ctx.run_dir, metrics)
-    ckpt = save_checkpoint(
-        ctx.run_dir,
+    ckpt = ctx.save(
         oc.steps,
         networks,
         {"unet": opt},
         {"unet": sched},
-        config_dict(cfg),
-        extras=ctx.extras(scale_factor=train.scale_factor, **metrics),
-        keep=oc.keep_checkpoints,
+        cfg,
+        oc.keep_checkpoints,
         final=True,
+        scale_factor=train.scale_factor,
+        **metrics,
     )
     if ae_run is not None:
         gen = load_generator(cfg, ae_run, ctx.run_dir, None, dev, train.num_classes)

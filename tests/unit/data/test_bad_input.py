@@ -133,6 +133,19 @@ def test_constant_image(synth, dataset: Path, tmp_path: Path, assert_cache_clean
     assert_cache_clean(tmp_path / "cache")
 
 
+def test_near_empty_image_is_flagged_only_when_asked(synth, dataset: Path, tmp_path: Path, assert_cache_clean) -> None:
+    img_path = dataset / "imagesTr" / "case_001.nii.gz"
+    noise = np.random.default_rng(0).random((12, 10, 8)).astype(np.float32) * 5.0  # faint noise, no anatomy
+    write_image(img_path, noise, synth.affine_3d)
+    run_preprocess(synth.config(synth.raw(dataset)), tmp_path / "off")  # default: not checked
+    err = _fails(synth, dataset, tmp_path / "cache", qc={"min_signal": 20.0})
+    assert err.path == str(img_path.resolve()) and "near-empty" in err.problem
+    assert_cache_clean(tmp_path / "cache")
+    # a case with real signal passes the same threshold
+    write_image(img_path, noise * 20.0, synth.affine_3d)
+    run_preprocess(synth.config(synth.raw(dataset, qc={"min_signal": 20.0})), tmp_path / "on")
+
+
 def test_empty_dataset(synth, tmp_path: Path, assert_cache_clean) -> None:
     root = tmp_path / "empty"
     (root / "imagesTr").mkdir(parents=True)
