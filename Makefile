@@ -58,7 +58,7 @@ bench: setup  ## training, preprocessing, memory and sampling benchmarks (ratios
 # each config) and the benchmark JSON in benchmarks/results/.
 WHITEPAPER_CONFIGS ?= configs/lgg-2d.yaml configs/hippocampus-3d.yaml configs/demo.yaml
 whitepaper: setup  ## regenerate whitepaper/ from the MLflow runs of WHITEPAPER_CONFIGS
-	$(VENV)/bin/medsynth report $(foreach c,$(WHITEPAPER_CONFIGS),-c $(c)) --out whitepaper
+	$(VENV)/bin/medsynth report $(foreach c,$(WHITEPAPER_CONFIGS),-c $(c)) --skip-missing --out whitepaper
 
 format: setup
 	$(VENV)/bin/ruff format medsynth flows tests benchmarks

@@ -370,6 +370,9 @@ def report_cmd(
     bench_dir: Annotated[Path | None, typer.Option(help="Benchmark results to include (sampler trade-off).")] = Path(
         "benchmarks/results"
     ),
+    skip_missing: Annotated[
+        bool, typer.Option(help="Leave out experiments without a finished pipeline run instead of failing.")
+    ] = False,
 ) -> None:
     """Build the whitepaper (Markdown + HTML + figures) from the tracked runs of one or more pipelines."""
     from medsynth.report.whitepaper import build_whitepaper
@@ -391,7 +394,9 @@ def report_cmd(
     if len(uris) > 1:
         raise MedsynthError(f"the experiments live in different stores: {sorted(uris)}")
     command = "medsynth report " + " ".join(sys.argv[2:])
-    md = build_whitepaper(uris.pop(), [e for _, e in targets], out, bench_dir, command=command)
+    md = build_whitepaper(
+        uris.pop(), [e for _, e in targets], out, bench_dir, command=command, skip_missing=skip_missing
+    )
     typer.echo(f"whitepaper: {md}")
 
 

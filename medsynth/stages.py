@@ -17,7 +17,7 @@ from typing import Any
 
 from medsynth.config.schema import MedsynthConfig
 from medsynth.fileio import sha256_file, sha256_json
-from medsynth.progress import Progress
+from medsynth.progress import LogProgress, Progress
 from medsynth.tracking.base import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -500,8 +500,10 @@ def run_experiment(
     pool = None
     if any(c.ratio > 0 for c in grid_cells(cfg)):
         gen = load_generator(cfg, p.autoencoder, p.unet, p.controlnet, dev)
-        pool = make_pool(gen, train, cfg, p.experiment / "pool", progress)
-    res = run_grid(cfg, train, val, test, pool, p.experiment, tracker_factory, progress, dev, cell_map)
+        pool_progress = progress or LogProgress(len(train) * cfg.experiment.pool_per_mask, "synthetic pool")
+        pool = make_pool(gen, train, cfg, p.experiment / "pool", pool_progress)
+    grid_progress = progress or LogProgress(len(grid_cells(cfg)), "experiment grid (cells)", every_s=30.0)
+    res = run_grid(cfg, train, val, test, pool, p.experiment, tracker_factory, grid_progress, dev, cell_map)
     return {
         "task": res.task,
         "metric": res.metric,

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from medsynth.tracking.query import PipelineRecord, RunRecord, download_artifact, list_artifacts, load_pipeline
 
 log = logging.getLogger(__name__)
@@ -133,8 +135,8 @@ def collect(
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        cfg_path = _find(tracking_uri, rec.parent, "config", "config.resolved.json", scratch)
-        config = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path else {}
+        cfg_path = _find(tracking_uri, rec.parent, "config", "config.resolved.yaml", scratch)
+        config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path else {}
         res = ExperimentResults(rec, config)
         val = rec.stages.get("validate")
         if val is not None:

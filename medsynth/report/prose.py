@@ -53,6 +53,11 @@ LIMITATIONS = """\
 - **Resolution and data.** LGG slices are resampled to 64x64 (4 mm pixels) and hippocampus volumes to small
   crops; 90 LGG patients and a few hundred 2D slices per split are a small data regime, and results on 5%
   or 10% of the training patients rest on 3 to 6 patients.
+- **Data quality (LGG).** `configs/lgg-2d.yaml`'s QC drops constant (black) slices but lets through
+  noise-only edge slices of each stack; percentile normalisation stretches them into full-range noise and the
+  derived brain label covers that noise. The generator learns from them and the worst plausibility cases are
+  such slices. `configs/lgg-2d-clean.yaml` excludes them (`qc.min_signal`); it was not re-run within this
+  budget.
 - **In-domain features.** Fréchet distance and KID use an encoder trained here on the same training split;
   they rank our own runs and are **not comparable** to published Inception/RadImageNet FIDs.
 - **The downstream task is a proxy.** Slice-level tumour presence on LGG (and lesion presence on the

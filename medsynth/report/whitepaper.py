@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medsynth.errors import DataError
 from medsynth.evaluation.stats import format_estimate, format_value
 from medsynth.fileio import write_text_atomic
 from medsynth.report import prose
@@ -36,6 +37,8 @@ TRAIN_STAGES = {
 
 
 def _f(v: Any, digits: int = 3) -> str:
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1 and digits > 0 and abs(v) < 1e15:
+        return str(int(v))  # counts logged as float metrics
     return format_value(v, digits, missing="–")
 
 
@@ -84,9 +87,9 @@ def data_section(results: Sequence[ExperimentResults]) -> list[str]:
                 "phantom (procedural)" if r.cfg("phantom.enabled") else str(Path(str(r.cfg("data.root", ""))).name),
                 f"{r.cfg('preprocess.spatial_dims')}D {size}"
                 + (f" @ {'x'.join(_f(float(s), 2) for s in spacing)} mm" if spacing else ""),
-                _f(pre.metrics.get("n_cases")) if pre else "–",
-                _f(pre.metrics.get("n_items")) if pre else "–",
-                _f(pre.metrics.get("n_excluded")) if pre else "–",
+                _f(pre.metrics.get("n_cases"), 0) if pre else "–",
+                _f(pre.metrics.get("n_items"), 0) if pre else "–",
+                _f(pre.metrics.get("n_excluded"), 0) if pre else "–",
                 ", ".join(f"{k} {v}" for k, v in labels.items()),
                 _rid(pre.run_id) if pre else "–",
             ]
@@ -207,9 +210,9 @@ def downstream_section(res: ExperimentResults) -> list[str]:
             [
                 arm,
                 f"{100 * float(r['fraction']):g}%",
-                _f(r.get("n_real_patients")),
-                _f(r.get("n_real")),
-                _f(r.get("n_synthetic")),
+                _f(r.get("n_real_patients"), 0),
+                _f(r.get("n_real"), 0),
+                _f(r.get("n_synthetic"), 0),
                 f"{_f(r.get(f'{metric}_mean'))} ± {_f(r.get(f'{metric}_sd'))}",
                 f"[{_f(r.get('ci_lo'))}, {_f(r.get('ci_hi'))}]",
                 delta,
@@ -225,9 +228,9 @@ def downstream_section(res: ExperimentResults) -> list[str]:
         *_table(
             [
                 "arm",
-                "real patients",
-                "n patients",
-                "n real",
+                "real fraction",
+                "patients",
+                "n real (mean over seeds)",
                 "n synthetic",
                 f"{label} mean ± sd (seeds)",
                 "95% CI",
@@ -397,6 +400,7 @@ def render(results: Sequence[ExperimentResults], bench_dir: Path | None, command
         f"### 4.{len(results) + 1} Sampler speed and quality",
         "",
         *sampler_section(bench_dir),
+        "",
         "## 5. Limitations",
         "",
         prose.LIMITATIONS,
@@ -440,6 +444,7 @@ def build_whitepaper(
     bench_dir: str | Path | None = None,
     command: str = "medsynth report",
     run_ids: dict[str, str] | None = None,
+    skip_missing: bool = False,
 ) -> Path:
     """Collect the latest finished pipeline run of each experiment and write the whitepaper.
 
@@ -450,14 +455,27 @@ def build_whitepaper(
         bench_dir: Folder of benchmark JSON results (``benchmarks/results``); None skips that section.
         command: The command line quoted in the document.
         run_ids: Experiment -> a specific pipeline (parent) run, e.g. one still running (its report stage).
+        skip_missing: Leave out (and name in the document) experiments without a finished pipeline run
+            instead of failing.
 
     Returns:
         Path of the Markdown file.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = [collect(tracking_uri, name, out, run_id=(run_ids or {}).get(name)) for name in experiments]
+    results: list[ExperimentResults] = []
+    missing: list[str] = []
+    for name in experiments:
+        try:
+            results.append(collect(tracking_uri, name, out, run_id=(run_ids or {}).get(name)))
+        except DataError as exc:
+            if not skip_missing:
+                raise
+            log.warning("left out of the report: %s", exc)
+            missing.append(f"{name} ({exc.problem})")
     text = render(results, Path(bench_dir) if bench_dir else None, command)
+    if missing:
+        text += "\n_Not reported (no finished pipeline run in the store): " + "; ".join(missing) + "._\n"
     md = write_text_atomic(out / WHITEPAPER_MD, text)
     html = _html(text, "medsynth whitepaper")
     if html is not None:

@@ -29,7 +29,7 @@ from medsynth.config.synthesis import parse_edit
 from medsynth.errors import ConfigError, DataError, OutputExistsError
 from medsynth.evaluation.memorisation import MemorisationGuard
 from medsynth.fileio import is_nonempty, write_json_atomic
-from medsynth.progress import NullProgress, Progress
+from medsynth.progress import LogProgress, Progress
 from medsynth.synthesis.edits import apply_edit, default_lesion_label
 from medsynth.synthesis.generator import MaskGenerator
 from medsynth.synthesis.masks import MaskItem, load_masks, mask_vocabulary
@@ -253,11 +253,11 @@ def synthesize(
     _check_inputs(cfg, generator, source, vocab, guard)
     refuse = guard if sc.refuse_memorised else None
     refused: list[dict[str, Any]] = []
-    prog = progress or NullProgress()
     track = tracker or NullTracker()
     out = Path(out_dir)
     batch_size = cfg.sampling.batch_size
     n_total = len(source) * len(sc.edits) * sc.n_per_mask
+    prog = progress or LogProgress(n_total, "synthesising")
     grid_rows: list[list[npt.NDArray[Any]]] = []
     grid_titles: list[str] = []
     not_applied: set[tuple[int, int]] = set()
