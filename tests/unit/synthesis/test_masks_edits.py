@@ -187,9 +187,12 @@ def test_masks_from_a_cache_split(synth, tmp_path: Path) -> None:
     assert it.image is not None and it.image.shape == (1, 16, 16)
     assert it.affine.shape == (3, 3) and it.patient_id == "case_000"
     assert it.source.startswith("cache:") and it.item_id.startswith("case_000_")
-    assert masks_from_split(cache, "all", max_masks=2)[1].item_id == items[1].item_id
+    # a subset is spread over the split (first and last item kept), not its first items
+    two = masks_from_split(cache, "all", max_masks=2)
+    assert [m.item_id for m in two] == [items[0].item_id, items[-1].item_id]
     via_cfg = load_masks(cfg.model_copy(update={"synthesis": SynthesisConfig(split="all", max_masks=3)}), cache)
-    assert [m.item_id for m in via_cfg] == [m.item_id for m in items[:3]]
+    spread = np.linspace(0, len(items) - 1, 3).round().astype(int)
+    assert [m.item_id for m in via_cfg] == [items[i].item_id for i in spread]
 
 
 def test_masks_from_a_folder_remap_geometry_and_errors(synth, tmp_path: Path) -> None:

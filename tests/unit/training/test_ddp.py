@@ -24,7 +24,7 @@ import torch.distributed as dist
 from medsynth.config.loader import config_dict, validate_config
 from medsynth.config.schema import MedsynthConfig
 from medsynth.synthesis.generator import UNET
-from medsynth.training import diffusion
+from medsynth.training import context, diffusion
 from medsynth.training.checkpoint import find_checkpoint
 from medsynth.training.common import batch_indices
 from medsynth.training.context import StageContext
@@ -114,7 +114,7 @@ def _worker(rank: int, world: int, port: int, root: Path) -> None:  # pragma: no
     cfg = validate_config(json.loads((root / "cfg.json").read_text(encoding="utf-8")), "cfg.json", MedsynthConfig)
     built: list[tuple[torch.nn.Module, str]] = []
     saves: list[list[Any]] = []
-    build, save = diffusion.build_diffusion_unet, diffusion.save_checkpoint
+    build, save = diffusion.build_diffusion_unet, context.save_checkpoint
 
     def build_and_keep(*args: Any, **kwargs: Any) -> torch.nn.Module:
         net = build(*args, **kwargs)
@@ -126,7 +126,7 @@ def _worker(rank: int, world: int, port: int, root: Path) -> None:  # pragma: no
         return save(run_dir, step, *args, **kwargs)
 
     diffusion.build_diffusion_unet = build_and_keep  # type: ignore[assignment]
-    diffusion.save_checkpoint = save_and_record  # type: ignore[assignment]
+    context.save_checkpoint = save_and_record  # type: ignore[assignment]  # StageContext.save writes through it
 
     ctx = StageContext.create(root / "run", device="cpu")
     diffusion.train_diffusion(cfg, root / "latents", ctx)
