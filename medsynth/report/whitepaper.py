@@ -295,18 +295,26 @@ def sampler_section(bench_dir: Path | None) -> list[str]:
     files = sorted(bench_dir.glob("sampling*.json")) if bench_dir and bench_dir.is_dir() else []
     if not files:
         return ["_No sampling benchmark result found (run `make bench`)._"]
+    cols = [
+        ("label", "sampler"),
+        ("status", "status"),
+        ("nfe", "network evaluations / image"),
+        ("nfe_ratio", "fewer evaluations (x)"),
+        ("seconds", "wall s"),
+        ("speedup", "speed-up (x)"),
+        ("dice", "mean foreground Dice"),
+        ("dice_rel", "Dice vs baseline"),
+    ]
     out: list[str] = []
     for path in files:
         data = json.loads(path.read_text(encoding="utf-8"))
-        rows = []
-        for r in data.get("rows", []):
-            rows.append([str(r.get(k, "–")) if not isinstance(r.get(k), float) else _f(r[k]) for k in r])
-        header = list(data["rows"][0]) if data.get("rows") else []
+        rows = [[_f(r.get(k), 3) if r.get(k) is not None else "–" for k, _ in cols] for r in data.get("rows", [])]
         out += [
-            f"From `{path.name}` (command: `{data.get('command', '?')}`; "
-            f"device: {data.get('machine', {}).get('device', '?')}).",
+            f"From `{path.name}` (command: `{data.get('command', '?')}`; device: "
+            f"{data.get('machine', {}).get('device', '?')}; written {data.get('created_utc', '?')}). A benchmark "
+            "is not a tracked run: it measured the generator the config's outputs held at that time.",
             "",
-            *_table(header, rows),
+            *_table([h for _, h in cols], rows),
             "",
         ]
     return out
