@@ -462,7 +462,7 @@ def write_result(
     notes: Sequence[str] = (),
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a benchmark's JSON result atomically (:func:`medsynth.fileio.write_json_atomic`).
+    """Write a benchmark's JSON result atomically (:func:`medsynth.fileio.write_json_atomic`) and print its path.
 
     Args:
         path: Output file.
@@ -493,7 +493,9 @@ def write_result(
         "notes": list(notes),
         **(dict(extra) if extra else {}),
     }
-    return write_json_atomic(path, clean_json(payload))
+    out = write_json_atomic(path, clean_json(payload))
+    print(f"result: {out}")
+    return out
 
 
 def run_main(body: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:

@@ -293,7 +293,6 @@ def _body(argv: list[str]) -> int:
         ],
         extra={"growth": growth},
     )
-    print(f"result: {args.out}")
     return 0
 
 

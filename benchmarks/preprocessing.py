@@ -252,7 +252,6 @@ def _body(argv: list[str]) -> int:
         ],
         extra={"skipped": skipped},
     )
-    print(f"result: {args.out}")
     return 0
 
 

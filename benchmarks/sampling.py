@@ -340,7 +340,6 @@ def _body(argv: list[str]) -> int:
         ],
         extra={"segmenter_dice_real": real_dice},
     )
-    print(f"result: {args.out}")
     return 0
 
 

@@ -377,7 +377,6 @@ def _body(argv: list[str]) -> int:
         notes=notes,
         extra={"latent_cache_seconds": data.encode_seconds},
     )
-    print(f"result: {args.out}")
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -193,14 +192,3 @@ def download_artifact(tracking_uri: str, run_id: str, path: str, dst: str | Path
         run_id=run_id, artifact_path=path, dst_path=str(dst), tracking_uri=tracking_uri
     )
     return Path(local)
-
-
-def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """All ``(step, value)`` points of a metric, by step."""
-    hist = MlflowClient(tracking_uri).get_metric_history(run_id, key)
-    return sorted((int(m.step), float(m.value)) for m in hist)
-
-
-def describe(rec: RunRecord) -> dict[str, Any]:
-    """A JSON-ready summary of a run (id, name, stage, status, wall time)."""
-    return {"run_id": rec.run_id, "name": rec.name, "stage": rec.stage, "status": rec.status, "wall_s": rec.wall_s}
