@@ -212,3 +212,43 @@ def per_label_wasserstein(
                 w = float(wasserstein_distance(centres, centres, ha, hb))
         out[lab] = {"name": name, "wasserstein": w, "n_real": int(a.size), "n_synth": int(b.size)}
     return out
+
+
+def label_contrast(
+    images: torch.Tensor | npt.NDArray[np.generic],
+    masks: torch.Tensor | npt.NDArray[np.generic],
+    label: int,
+    reference: Sequence[int] | None = None,
+) -> npt.NDArray[np.float64]:
+    """Per case: mean intensity inside ``label`` minus mean intensity of a reference region.
+
+    A direct, segmenter-free measure of whether a structure is *visible* where the mask puts it:
+    a FLAIR tumour is brighter than the brain around it, so its real contrast is positive, and a
+    generator that ignores the tumour label gives about 0.
+
+    Args:
+        images: ``(N, 1, *S)`` intensities (any range; differences are in the same units).
+        masks: ``(N, 1, *S)`` label maps.
+        label: The structure.
+        reference: Labels forming the reference region (e.g. the derived brain label); None: every
+            foreground label other than ``label``.
+
+    Returns:
+        ``(N,)`` contrasts; NaN where the case lacks ``label`` or the reference region.
+    """
+    img = torch.as_tensor(np.asarray(images, dtype=np.float64)).reshape(len(images), -1)
+    lab = _as_label_tensor(masks)
+    if img.shape != lab.shape:
+        raise ValueError(f"images {tuple(img.shape)} and masks {tuple(lab.shape)} differ in shape")
+    inside = lab == int(label)
+    if reference is None:
+        ref = (lab > 0) & ~inside
+    else:
+        ref = torch.isin(lab, torch.as_tensor([int(r) for r in reference]))
+        ref &= ~inside
+    n_in, n_ref = inside.sum(1), ref.sum(1)
+    mean_in = (img * inside).sum(1) / n_in.clamp(min=1)
+    mean_ref = (img * ref).sum(1) / n_ref.clamp(min=1)
+    out = (mean_in - mean_ref).numpy()
+    out[(n_in == 0).numpy() | (n_ref == 0).numpy()] = np.nan
+    return out.astype(np.float64)

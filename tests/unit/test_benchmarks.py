@@ -7,12 +7,14 @@ imports); the real subprocess run is the ``slow`` test at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # `benchmarks` is a top-level folder of the repository, not an installed package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import common, memory, preprocessing, sampling, training  # noqa: E402
+from benchmarks import common, guidance, memory, preprocessing, sampling, training  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -380,6 +382,47 @@ def test_sampling_without_trained_outputs_says_what_to_run(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"run `medsynth run {cfg2d}` first" in err
     assert not (tmp_path / "s.json").exists()
+
+
+def test_guidance_selects_masks_with_and_without_the_structure(tmp_path: Path) -> None:
+    _, _, _, data = _toy_sampling_setup(tmp_path, "v_prediction")
+    masks = torch.full((6, 1, 16, 16), 2, dtype=torch.uint8)
+    masks[:3, :, 4:10, 4:10] = 4  # three masks hold a lesion of 36 voxels
+    masks[3, :, :, :12] = 0  # a mask lacking it but with a quarter of the reference area: left out
+    n = 6
+    data = dataclasses.replace(
+        data,
+        images=common.random_images(n, [16, 16]),
+        masks=masks,
+        affines=torch.eye(3).repeat(n, 1, 1).numpy(),
+        item_ids=[f"i{i}" for i in range(n)],
+        patients=[f"p{i}" for i in range(n)],
+    )
+    held, free = guidance.select_masks(data, 4, 2, 5, 20, [2])
+    assert held.item_ids == ["i0", "i2"] and free.item_ids == ["i4", "i5"]
+    with pytest.raises(common.BenchmarkError, match="no test mask holds label 4"):
+        guidance.select_masks(data, 4, 2, 5, 100, [2])
+
+
+def test_guidance_sweep_rows(tmp_path: Path) -> None:
+    cfg, gen, seg, data = _toy_sampling_setup(tmp_path, "v_prediction")
+    assert guidance.default_label(cfg) == 4 and guidance.reference_labels(cfg) is None
+    rows, images = guidance.sweep(gen, seg, data, cfg, [1.0, 2.5], 4, None, seed=0, n_boot=20)
+    real, g1, g25 = rows
+    assert real["guidance"] is None and real["contrast_rel"] == 1.0
+    # the config samples 2 steps: no guidance is one network evaluation per step, guidance two
+    assert g1["nfe"] == 2 and g25["nfe"] == 4 and g1["cost_ratio"] == 1.0
+    assert set(images) == {1.0, 2.5} and images[2.5].shape == data.images.shape
+    from medsynth.evaluation.metrics import label_contrast
+
+    expected = float(np.nanmean(label_contrast(images[2.5], data.masks, 4)))
+    assert g25["contrast"] == pytest.approx(expected)
+    assert g25["contrast_rel"] == pytest.approx(expected / real["contrast"])
+    # the same seeds at every scale: a repeated sweep gives the same images
+    _, again = guidance.sweep(gen, seg, data, cfg, [2.5], 4, None, seed=0, n_boot=20)
+    assert torch.equal(again[2.5], images[2.5])
+    grid = guidance.save_sweep_grid(tmp_path / "g.png", data, images, 4)
+    assert grid.stat().st_size > 0
 
 
 # ----------------------------------------------------------------------------------------------

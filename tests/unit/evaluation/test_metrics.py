@@ -1,4 +1,4 @@
-"""Per-label Dice (hand-made masks, empty cases, agreement with MONAI), false-positive rate, Wasserstein."""
+"""Per-label Dice (hand-made masks, empty cases, agreement with MONAI), false-positive rate, Wasserstein, contrast."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from medsynth.evaluation.metrics import (
     dice_per_label,
     false_positive_rate,
+    label_contrast,
     per_label_wasserstein,
 )
 
@@ -113,3 +116,36 @@ def test_per_label_wasserstein_zero_for_identical_and_positive_for_shift(bins: i
     assert shifted[2]["wasserstein"] == pytest.approx(0.2, abs=0.01)  # a pure shift moves every quantile by 0.2
     absent = per_label_wasserstein(img, msk, img, np.zeros_like(msk), [1])
     assert math.isnan(float(absent[1]["wasserstein"])) and absent[1]["n_synth"] == 0
+
+
+def test_label_contrast_hand_made() -> None:
+    # case 0: tumour (1) at 0.9 inside brain (2) at 0.4, background 0.0 -> +0.5; case 1 has no tumour
+    masks = np.stack([_mask((1, 6, 6), (2, np.s_[:, 1:5, 1:5]), (1, np.s_[:, 2:4, 2:4]))] * 2)
+    masks[1][masks[1] == 1] = 2
+    images = np.where(masks == 1, 0.9, np.where(masks == 2, 0.4, 0.0)).astype(np.float32)
+    c = label_contrast(images, masks, 1, reference=[2])
+    assert c[0] == pytest.approx(0.5) and math.isnan(c[1])
+    # default reference (other foreground) is the brain here too; a reference absent from the case gives NaN
+    assert label_contrast(images, masks, 1)[0] == pytest.approx(0.5)
+    assert math.isnan(label_contrast(images, masks, 1, reference=[3])[0])
+    with pytest.raises(ValueError, match="differ in shape"):
+        label_contrast(images[:, :, :3], masks, 1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    offset=st.floats(-2, 2),
+    gain=st.floats(0.1, 3),
+    bump=st.floats(-1, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_label_contrast_properties(offset: float, gain: float, bump: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    masks = rng.integers(0, 3, size=(3, 1, 8, 8)).astype(np.uint8)
+    masks[:, :, 0, 0], masks[:, :, 0, 1] = 1, 2  # every case holds both labels
+    images = rng.random((3, 1, 8, 8))
+    base = label_contrast(images, masks, 1, [2])
+    # a global offset changes nothing; a gain scales it; brightening the structure adds exactly the bump
+    assert np.allclose(label_contrast(images + offset, masks, 1, [2]), base, atol=1e-9)
+    assert np.allclose(label_contrast(images * gain, masks, 1, [2]), base * gain, atol=1e-9)
+    assert np.allclose(label_contrast(images + bump * (masks == 1), masks, 1, [2]), base + bump, atol=1e-9)

@@ -1,0 +1,335 @@
+"""Classifier-free guidance sweep: does the structure appear where the mask says, and nowhere else?
+
+Loads a trained generator and the reference segmenter from a config's stage outputs (as
+``benchmarks.sampling`` does) and, for each guidance scale, generates one image per test-split mask
+of two sets, the same seeds for every scale:
+
+* ``--n-masks`` masks that hold the structure (``--label``; at least ``--min-voxels`` of it), spread
+  over the split;
+* ``--n-free`` masks that lack it (with at least half the median reference area of the first set, so
+  near-empty edge slices do not count).
+
+Per scale it measures, next to the same numbers on the real images of those masks:
+
+* **contrast**: mean intensity inside the structure minus the mean of the reference region
+  (:func:`medsynth.evaluation.metrics.label_contrast`; the derived label, e.g. the brain, when the
+  config has one, else the rest of the foreground) — is the structure *visible* where the mask says;
+* **Dice** of the reference segmenter for the structure against the conditioning mask, and its
+  **false-positive rate** on the masks lacking it (:func:`medsynth.evaluation.plausibility.plausibility_report`,
+  patient-bootstrap CIs) — is it recognisable there, and drawn nowhere else;
+* network evaluations per image and wall time relative to guidance 1.0 (no guidance: one network
+  evaluation per step; any other scale costs two).
+
+No target: this is how the guidance scale of a config is chosen; a grid (mask | real | each scale)
+is written next to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    BenchmarkError,
+    Column,
+    add_config_args,
+    base_parser,
+    load_cfg,
+    print_table,
+    ratio,
+    run_main,
+    setup,
+    synchronize,
+    write_result,
+)
+from benchmarks.sampling import CountingGenerator, load_trained
+from medsynth.config.schema import MedsynthConfig
+from medsynth.data.dataset import ArraySet
+from medsynth.synthesis.generator import MaskGenerator
+
+NAME = "guidance"
+DEFAULT_SCALES = (1.0, 1.5, 3.0, 5.0, 7.0)
+
+
+def default_label(cfg: MedsynthConfig) -> int:
+    """The structure to sweep for: the label with the largest ControlNet loss weight, else the last data label."""
+    weights = cfg.controlnet.label_weights
+    if weights:
+        return int(max(weights, key=lambda k: (weights[k], -k)))
+    return int(max(cfg.data.labels))
+
+
+def reference_labels(cfg: MedsynthConfig) -> list[int] | None:
+    """The contrast's reference region: the derived label when the config adds one, else None (other foreground)."""
+    d = cfg.preprocess.derived_label
+    return [int(d.index)] if d.enabled else None
+
+
+def select_masks(
+    data: ArraySet, label: int, n_with: int, n_free: int, min_voxels: int, reference: Sequence[int] | None
+) -> tuple[ArraySet, ArraySet]:
+    """Split-spread subsets of ``data``: masks holding ``label`` and masks lacking it.
+
+    Args:
+        data: The test split.
+        label: The structure.
+        n_with: Masks with at least ``min_voxels`` of ``label`` (evenly spread over the split order).
+        n_free: Masks without ``label`` whose reference area is at least half the median of the first set.
+        min_voxels: Smallest structure counted.
+        reference: Reference labels (None: any foreground).
+
+    Returns:
+        ``(with_label, without_label)``.
+
+    Raises:
+        BenchmarkError: If the split has no mask holding ``label``.
+    """
+    flat = data.masks.reshape(len(data), -1).long()
+    count = (flat == label).sum(1)
+    ref = torch.isin(flat, torch.tensor(reference)) if reference else (flat > 0) & (flat != label)
+    ref_area = ref.sum(1)
+
+    def spread(idx: torch.Tensor, n: int) -> list[int]:
+        if len(idx) <= n:
+            return [int(i) for i in idx]
+        pick = torch.linspace(0, len(idx) - 1, n).round().long()
+        return [int(i) for i in idx[pick]]
+
+    with_idx = spread(torch.nonzero(count >= max(min_voxels, 1)).flatten(), n_with)
+    if not with_idx:
+        raise BenchmarkError(f"no test mask holds label {label} with >= {min_voxels} voxels")
+    floor = 0.5 * float(ref_area[with_idx].float().median())
+    free_idx = spread(torch.nonzero((count == 0) & (ref_area >= floor)).flatten(), n_free)
+    return data.subset(with_idx), data.subset(free_idx)
+
+
+def sweep(
+    gen: MaskGenerator,
+    seg: torch.nn.Module,
+    data: ArraySet,
+    cfg: MedsynthConfig,
+    scales: Sequence[float],
+    label: int,
+    reference: Sequence[int] | None,
+    seed: int = 0,
+    n_boot: int = 200,
+) -> tuple[list[dict[str, Any]], dict[float, torch.Tensor]]:
+    """Generate an image per mask of ``data`` at each guidance scale and measure it.
+
+    Args:
+        gen: The trained generator.
+        seg: The reference segmenter.
+        data: Masks (with and without the structure) and their real images.
+        cfg: Config (sampler, steps, batch size).
+        scales: Guidance scales; 1.0 (no guidance) is the cost baseline when present.
+        label: The structure.
+        reference: Reference labels of the contrast.
+        seed: Base seed (batch ``i`` uses ``seed + i`` at every scale).
+        n_boot: Bootstrap resamples of the Dice / false-positive intervals.
+
+    Returns:
+        ``(rows, images)``: the first row is the real images (``guidance`` None), then one per scale
+        with ``guidance``, ``nfe``, ``seconds``, ``cost_ratio``, ``contrast`` (mean over masks holding
+        the structure), ``contrast_rel`` (synthetic / real), ``visible`` (fraction of those masks whose
+        synthetic contrast is at least half the real image's), ``dice`` (+ ``dice_lo``/``dice_hi``),
+        ``dice_rel``, ``fp`` (+ CI); ``images`` maps each scale to its ``(N, 1, *S)`` images.
+    """
+    from medsynth.evaluation.metrics import label_contrast
+    from medsynth.evaluation.plausibility import plausibility_report
+    from medsynth.evaluation.segmenter import predict
+    from medsynth.evaluation.validate import generate_for
+
+    bs = cfg.sampling.batch_size
+    name = data.labels.get(label, str(label))
+    real_contrast = label_contrast(data.images, data.masks, label, reference)
+    pred_real = predict(seg, data.images, bs)
+
+    def measure(images: torch.Tensor) -> dict[str, Any]:
+        c = label_contrast(images, data.masks, label, reference)
+        has = ~np.isnan(real_contrast)
+        rep = plausibility_report(
+            pred_real, predict(seg, images, bs), data.masks, data.patients, data.item_ids, {label: name}, n_boot
+        )["per_label"][name]
+        return {
+            "contrast": float(np.nanmean(c)),
+            "visible": float(np.mean(c[has] >= 0.5 * real_contrast[has])) if has.any() else None,
+            "dice": rep["dice_synth"]["value"],
+            "dice_lo": rep["dice_synth"]["lo"],
+            "dice_hi": rep["dice_synth"]["hi"],
+            "dice_rel": rep["ratio"]["value"],
+            "fp": rep["fp_synth"]["value"],
+            "fp_lo": rep["fp_synth"]["lo"],
+            "fp_hi": rep["fp_synth"]["hi"],
+            "fp_real": rep["fp_real"]["value"],
+            "dice_real": rep["dice_real"]["value"],
+        }
+
+    real = measure(data.images)
+    rows: list[dict[str, Any]] = [
+        {
+            "row": "real images",
+            "guidance": None,
+            "contrast": real["contrast"],
+            "contrast_rel": 1.0,
+            "dice": real["dice_real"],
+            "dice_lo": None,
+            "dice_hi": None,
+            "fp": real["fp_real"],
+        }
+    ]
+    images: dict[float, torch.Tensor] = {}
+    generate_for(gen, data.masks[:1], _with_scale(cfg, 1.0, steps=2), seed=seed)  # warm-up, untimed
+    for g in scales:
+        counted = CountingGenerator.wrap(gen)
+        synchronize(gen.device)
+        t0 = time.perf_counter()
+        synth = generate_for(counted, data.masks, _with_scale(cfg, g), seed=seed)
+        synchronize(gen.device)
+        seconds = time.perf_counter() - t0
+        images[g] = synth
+        m = measure(synth)
+        rows.append(
+            {
+                "row": f"guidance {g:g}",
+                "guidance": g,
+                "nfe": counted.calls / -(-len(data) // bs),
+                "seconds": seconds,
+                **{k: v for k, v in m.items() if k not in ("fp_real", "dice_real")},
+                "contrast_rel": ratio(m["contrast"], real["contrast"]),
+            }
+        )
+    base = next((r for r in rows if r["guidance"] == 1.0), None)
+    for r in rows[1:]:
+        r["cost_ratio"] = ratio(r["seconds"], base["seconds"]) if base else None
+    return rows, images
+
+
+def _with_scale(cfg: MedsynthConfig, scale: float, steps: int | None = None) -> MedsynthConfig:
+    s = cfg.sampling.model_copy(update={"guidance_scale": float(scale), **({"steps": steps} if steps else {})})
+    return cfg.model_copy(update={"sampling": s})
+
+
+def save_sweep_grid(path: Path, data: ArraySet, images: dict[float, torch.Tensor], label: int, n_rows: int = 6) -> Path:
+    """A PNG: per row a mask holding the structure (overlay on the real image), the real image, each scale."""
+    from medsynth.viz import overlay_rgb, save_grid, to_2d
+
+    holding = [i for i in range(len(data)) if bool((data.masks[i] == label).any())]
+    pick = [holding[int(j)] for j in np.linspace(0, len(holding) - 1, min(n_rows, len(holding))).round()]
+    rows = []
+    for i in pick:
+        real = to_2d(data.images[i, 0].numpy())
+        panels = [overlay_rgb(real, to_2d(data.masks[i, 0].numpy())), real]
+        panels += [to_2d(images[g][i, 0].numpy()) for g in images]
+        rows.append(panels)
+    cols = ["mask", "real", *[f"guidance {g:g}" for g in images]]
+    return save_grid(path, rows, titles=[data.item_ids[i][-24:] for i in pick], col_titles=cols)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    p = base_parser(NAME, __doc__.split("\n\n")[0] if __doc__ else NAME)
+    add_config_args(p, "configs/lgg-2d.yaml", "trained stage outputs")
+    p.add_argument("--scales", default=",".join(f"{s:g}" for s in DEFAULT_SCALES), help="comma-separated scales")
+    p.add_argument("--label", type=int, default=None, help="structure (default: largest ControlNet label weight)")
+    p.add_argument("--n-masks", type=int, default=48, help="test masks holding the structure (default 48)")
+    p.add_argument("--n-free", type=int, default=32, help="test masks lacking it (default 32)")
+    p.add_argument("--min-voxels", type=int, default=20, help="smallest structure counted (default 20 voxels)")
+    p.add_argument("--seed", type=int, default=0, help="base seed, the same at every scale")
+    return p
+
+
+def _body(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    dev = setup(args)
+    try:
+        scales = [float(s) for s in args.scales.split(",") if s.strip()]
+    except ValueError as exc:
+        raise BenchmarkError(f"--scales must be comma-separated numbers, got {args.scales!r}") from exc
+    if not scales or min(scales) < 1.0:
+        raise BenchmarkError("--scales needs at least one scale, each >= 1.0")
+    cfg = load_cfg(args.config, args.overrides)
+    label = default_label(cfg) if args.label is None else int(args.label)
+    reference = reference_labels(cfg)
+    gen, seg = load_trained(cfg, args.config, dev)
+    from medsynth.data.dataset import load_split
+    from medsynth.stages import StagePaths
+
+    test = load_split(StagePaths.of(cfg).preprocess, "test")
+    held, free = select_masks(test, label, args.n_masks, args.n_free, args.min_voxels, reference)
+    data = dataclasses.replace(
+        held,
+        images=torch.cat([held.images, free.images]),
+        masks=torch.cat([held.masks, free.masks]),
+        affines=np.concatenate([held.affines, free.affines]),
+        item_ids=held.item_ids + free.item_ids,
+        patients=held.patients + free.patients,
+    )
+    rows, images = sweep(gen, seg, data, cfg, scales, label, reference, args.seed)
+    name = data.labels.get(label, str(label))
+    print_table(
+        f"Guidance sweep ({cfg.name}, {name}: {len(held)} masks holding it, {len(free)} lacking it; "
+        f"{cfg.sampling.sampler} {cfg.sampling.steps} steps, {dev})",
+        [
+            Column("row", "row"),
+            Column("nfe", "NFE/image", "{:.0f}"),
+            Column("cost_ratio", "time vs g=1", "{:.2f}x"),
+            Column("contrast", f"{name} contrast", "{:+.3f}"),
+            Column("contrast_rel", "/ real", "{:.2f}"),
+            Column("visible", "visible", "{:.2f}"),
+            Column("dice", f"{name} Dice", "{:.3f}"),
+            Column("dice_rel", "/ real", "{:.2f}"),
+            Column("fp", "FP rate", "{:.2f}"),
+        ],
+        rows,
+    )
+    out = args.out
+    if out == RESULTS_DIR / f"{NAME}.json":
+        out = RESULTS_DIR / f"{NAME}-{cfg.name}.json"
+    grid = save_sweep_grid(out.with_suffix(".png"), data, images, label)
+    print(f"grid: {grid}")
+    ref_text = f"labels {reference}" if reference else "the other foreground labels"
+    write_result(
+        out,
+        NAME,
+        argv,
+        dev,
+        {
+            "config": args.config,
+            "overrides": args.overrides,
+            "label": label,
+            "label_name": name,
+            "reference": reference,
+            "n_with": len(held),
+            "n_free": len(free),
+            "min_voxels": args.min_voxels,
+            "sampler": cfg.sampling.sampler,
+            "steps": cfg.sampling.steps,
+            "seed": args.seed,
+        },
+        "guidance 1.0 (no classifier-free guidance) for cost; the real images for contrast, Dice and FP",
+        rows,
+        notes=[
+            f"contrast: mean intensity in {name} minus the mean of {ref_text}, preprocessing scale [0, 1]",
+            "visible: fraction of masks holding the structure whose synthetic contrast is >= half the real one",
+            "Dice/FP: the reference segmenter (trained on real data only); FP on masks lacking the structure",
+        ],
+        extra={"grid": str(grid)},
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``python -m benchmarks.guidance``."""
+    return run_main(_body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
