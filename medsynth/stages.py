@@ -383,11 +383,16 @@ def features_key(cfg: MedsynthConfig) -> str:
     return sha256_json({"features": feats, "manifest": sha256_file(p.preprocess / "manifest.json")})
 
 
+VALIDATION_REPORT_VERSION = 2
+"""Bumped when the validation report gains a measurement, so a cached report is recomputed (2: label contrast)."""
+
+
 def validation_key(cfg: MedsynthConfig) -> str:
     """Input key of the validation report: its section, sampling, generator, segmenter and encoder weights."""
     p = StagePaths.of(cfg)
     return sha256_json(
         {
+            "report": VALIDATION_REPORT_VERSION,
             "val": _section(cfg, "validation"),
             "sampling": _section(cfg, "sampling"),
             "gen": [_final_hashes(p.autoencoder), _final_hashes(p.unet), _final_hashes(p.controlnet)],

@@ -10,6 +10,9 @@ generated from it. A segmenter trained on real data only segments both; per labe
 * the false-positive rate on cases whose mask lacks the label (does the generator draw a tumour
   where none was asked for, or the segmenter hallucinate one on real images?).
 
+:func:`contrast_report` adds a segmenter-free view: is the label *visible* where the mask says
+(mean intensity inside it minus that of a reference region, on real and synthetic images)?
+
 Mean Dice averages the cases whose mask holds the label; cases where neither mask nor prediction
 holds it have no Dice (NaN, counted in ``n_both_empty_*``) and speak through the false-positive rate.
 Intervals resample patients (:mod:`medsynth.evaluation.stats`).
@@ -26,7 +29,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from medsynth.evaluation.metrics import LabelSpec, dice_per_label, false_positive_flags, label_names
+from medsynth.evaluation.metrics import (
+    LabelSpec,
+    dice_per_label,
+    false_positive_flags,
+    label_contrast,
+    label_names,
+)
 from medsynth.evaluation.stats import bootstrap_mean, bootstrap_ratio, paired_comparison
 from medsynth.viz import overlay_rgb, representative_slice, save_grid, to_2d
 
@@ -132,6 +141,64 @@ def plausibility_report(
             "both_empty": "cases where neither mask nor prediction holds the label: no Dice (NaN), counted only",
         },
     }
+
+
+def contrast_report(
+    images_real: Array,
+    images_synth: Array,
+    masks: Array,
+    patients: Sequence[str],
+    labels: LabelSpec,
+    reference: Sequence[int] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> dict[str, Any]:
+    """Per label: is it visible where the mask puts it? Contrast on real vs synthetic images.
+
+    Contrast of a case = mean intensity inside the label minus the mean of the reference region
+    (:func:`medsynth.evaluation.metrics.label_contrast`), on the real image and on the synthetic image
+    generated from the same mask. A generator that ignores the label gives about 0 whatever the real
+    contrast; one that draws it gives about the real value.
+
+    Args:
+        images_real: ``(N, 1, *S)`` real images; ``images_synth`` the synthetic image of each mask.
+        images_synth: ``(N, 1, *S)``.
+        masks: ``(N, 1, *S)`` conditioning masks.
+        patients: Patient of each case (the bootstrap resamples patients).
+        labels: Labels to report (background and the reference labels skipped).
+        reference: Labels of the reference region (e.g. a derived brain label); None: all other foreground.
+        n_boot: Bootstrap resamples.
+        seed: Seed of the bootstrap.
+        ci: Confidence level.
+
+    Returns:
+        ``{name: {"label", "reference", "n_cases", "contrast_real", "contrast_synth", "ratio", "visible"}}``:
+        Estimate JSONs of the mean contrasts over cases holding the label, their ratio (synthetic /
+        real) and ``visible``, the fraction of cases whose synthetic contrast has the real one's sign
+        and at least half its size. Labels without cases are left out.
+    """
+    ref = None if reference is None else [int(r) for r in reference]
+    out: dict[str, Any] = {}
+    for lab, name in label_names(labels).items():
+        if ref is not None and lab in ref:
+            continue
+        cr = label_contrast(images_real, masks, lab, ref)
+        cs = label_contrast(images_synth, masks, lab, ref)
+        ok = ~np.isnan(cr)
+        if not ok.any():
+            continue
+        visible = np.where(ok, (np.sign(cs) == np.sign(cr)) & (np.abs(cs) >= 0.5 * np.abs(cr)), np.nan)
+        out[name] = {
+            "label": lab,
+            "reference": ref if ref is not None else "other foreground",
+            "n_cases": int(ok.sum()),
+            "contrast_real": bootstrap_mean(cr, patients, n_boot, ci, seed).to_json(),
+            "contrast_synth": bootstrap_mean(cs, patients, n_boot, ci, seed).to_json(),
+            "ratio": bootstrap_ratio(cs, cr, patients, n_boot, ci, seed).to_json(),
+            "visible": bootstrap_mean(visible.astype(np.float64), patients, n_boot, ci, seed).to_json(),
+        }
+    return out
 
 
 def worst_rows(rows: Sequence[dict[str, Any]], n: int, label: int | None = None) -> list[dict[str, Any]]:

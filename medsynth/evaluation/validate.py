@@ -20,7 +20,7 @@ from medsynth.evaluation.diversity import diversity_report
 from medsynth.evaluation.features import extract_features, load_feature_encoder
 from medsynth.evaluation.memorisation import closest_pairs_figure, memorisation_audit
 from medsynth.evaluation.metrics import per_label_wasserstein
-from medsynth.evaluation.plausibility import plausibility_report, worst_cases_figure, worst_rows
+from medsynth.evaluation.plausibility import contrast_report, plausibility_report, worst_cases_figure, worst_rows
 from medsynth.evaluation.realism import realism_report
 from medsynth.evaluation.segmenter import load_segmenter, predict
 from medsynth.evaluation.stats import format_estimate, format_value
@@ -67,6 +67,26 @@ def _summary_md(cfg: MedsynthConfig, rep: dict[str, Any]) -> str:
             f"{format_estimate(r['ratio'])} | "
             f"{format_value(fp_r)} | {format_value(fp_s)} |"
         )
+    contrast = rep.get("contrast") or {}
+    if contrast:
+        lines += [
+            "",
+            "## Visibility: label contrast (mean inside the label minus the reference region's mean)",
+            "",
+            "| label | reference | contrast real | contrast synthetic | ratio synth/real | visible |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, c in contrast.items():
+            lines.append(
+                f"| {name} | {c['reference']} | {format_estimate(c['contrast_real'])} | "
+                f"{format_estimate(c['contrast_synth'])} | {format_estimate(c['ratio'])} | "
+                f"{format_estimate(c['visible'])} |"
+            )
+        lines += [
+            "",
+            "visible: fraction of masks whose synthetic contrast has the real image's sign and at least half its "
+            "size. A ratio means little where the real contrast is near 0.",
+        ]
     rl, dv, mm = rep["realism"], rep["diversity"], rep["memorisation"]
     lines += [
         "",
@@ -144,6 +164,18 @@ def run_validation(
         seed=vc.seed,
         ci=vc.ci,
         fp_min_voxels=vc.fp_min_voxels,
+    )
+    derived = cfg.preprocess.derived_label
+    contrast = contrast_report(
+        test.images,
+        synth,
+        test.masks,
+        test.patients,
+        labels,
+        reference=[derived.index] if derived.enabled else None,
+        n_boot=vc.n_bootstrap,
+        seed=vc.seed,
+        ci=vc.ci,
     )
     figs = []
     lesion = max(k for k in labels if k > 0)
@@ -223,6 +255,7 @@ def run_validation(
         "sampling": cfg.sampling.model_dump(mode="json"),
         "autoencoder": ae_quality,
         "plausibility": plaus,
+        "contrast": contrast,
         "realism": realism,
         "intensity_wasserstein": wass,
         "diversity": diversity,
@@ -271,6 +304,13 @@ def flat_metrics(rep: dict[str, Any]) -> dict[str, float]:
             v = r.get(key, {}).get("value")
             if v is not None:
                 m[f"val/{name}_{key}"] = float(v)
+    for name, c in (rep.get("contrast") or {}).items():
+        for key in ("contrast_real", "contrast_synth", "visible"):
+            v = c[key].get("value")
+            if v is not None:
+                m[f"val/{name}_{key}"] = float(v)
+        if c["ratio"].get("value") is not None:
+            m[f"val/{name}_contrast_ratio"] = float(c["ratio"]["value"])
     m["val/ae_psnr_db"] = float(rep["autoencoder"]["psnr_db"])
     m["val/ae_ssim"] = float(rep["autoencoder"]["ssim"])
     m["val/fid_in_domain"] = float(rep["realism"]["fid"])

@@ -162,6 +162,28 @@ def plausibility_section(res: ExperimentResults) -> list[str]:
         "Dice values are means over test items holding the label, with 95% bootstrap intervals over patients; "
         "the FP rate is the fraction of items WITHOUT the label in which the segmenter finds it.",
     ]
+    contrast = val.get("contrast") or {}
+    if contrast:
+        crow = [
+            [
+                name,
+                str(c["reference"]),
+                format_estimate(c["contrast_real"]),
+                format_estimate(c["contrast_synth"]),
+                format_estimate(c["ratio"]),
+                format_estimate(c["visible"]),
+            ]
+            for name, c in contrast.items()
+        ]
+        out += [
+            "",
+            "Visibility without a segmenter: the contrast of each label (mean intensity inside it minus the mean "
+            "of the reference region, intensities in [0, 1]) on the real image and on the synthetic image of the "
+            "same mask; _visible_ = fraction of masks whose synthetic contrast has the real sign and at least half "
+            "its size.",
+            "",
+            *_table(["label", "reference", "contrast real", "contrast synthetic", "ratio", "visible"], crow),
+        ]
     return out
 
 

@@ -141,6 +141,11 @@ def test_report_is_built_from_the_runs_that_did_the_work(tiny_run: dict[str, Any
     report = json.loads(Path(tiny_run["first"]["validate"]["validate"]["report"]).read_text(encoding="utf-8"))
     lesion = report["plausibility"]["per_label"]["lesion"]
     assert format_estimate(lesion["dice_synth"]) in text and format_estimate(lesion["ratio"]) in text
+    contrast = report["contrast"]["lesion"]  # visibility: lesion contrast on real vs synthetic images
+    assert contrast["n_cases"] == lesion["n_cases_present"]
+    assert format_estimate(contrast["contrast_synth"]) in text and format_estimate(contrast["visible"]) in text
+    val_run = client.get_run(first_val[0].info.run_id)
+    assert val_run.data.metrics["val/lesion_contrast_ratio"] == pytest.approx(contrast["ratio"]["value"])
     figures = {p.name for p in (tmp_path / "wp" / "figures" / "tiny").iterdir()}
     assert {"controlnet_controlnet.png", "validation_closest_pairs.png"} <= figures
     assert any(n.startswith("experiment_") for n in figures)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medsynth.evaluation.plausibility import plausibility_report, worst_cases_figure, worst_rows
+from medsynth.evaluation.plausibility import contrast_report, plausibility_report, worst_cases_figure, worst_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LABELS = {0: "background", 1: "tumour", 2: "brain"}
@@ -83,3 +83,28 @@ def test_mismatched_lengths_are_refused() -> None:
     assert math.isfinite(
         plausibility_report(pred_real, pred_real, masks, pats, ids, [1])["per_label"]["1"]["ratio"]["value"]
     )
+
+
+def test_contrast_report_real_vs_synthetic() -> None:
+    masks, *_ = _data()
+    patients = ["A", "A", "B", "B", "C", "C"]
+    real = np.where(masks == 1, 0.8, np.where(masks == 2, 0.3, 0.0)).astype(np.float32)  # tumour +0.5
+    synth = real.copy()
+    synth[:2][masks[:2] == 1] = 0.3  # patient A: the generator ignored the tumour (contrast 0)
+    synth[2:4][masks[2:4] == 1] = 0.6  # patient B: drawn at +0.3 (>= half of +0.5: visible)
+    rep = contrast_report(real, synth, masks, patients, LABELS, reference=[2], n_boot=50)
+    assert set(rep) == {"tumour"}  # the reference label itself is not reported
+    t = rep["tumour"]
+    assert t["n_cases"] == 4 and t["reference"] == [2]
+    assert t["contrast_real"]["value"] == pytest.approx(0.5)
+    assert t["contrast_synth"]["value"] == pytest.approx(0.15)
+    assert t["ratio"]["value"] == pytest.approx(0.3)
+    assert t["visible"]["value"] == pytest.approx(0.5) and t["visible"]["n_patients"] == 2
+    # a generator that draws the tumour at the wrong sign is not "visible" however strong
+    dark = real.copy()
+    dark[masks == 1] = 0.0
+    assert contrast_report(real, dark, masks, patients, LABELS, [2], n_boot=10)["tumour"]["visible"]["value"] == 0.0
+    # with no reference given, the other foreground (here the brain) is the reference
+    assert contrast_report(real, synth, masks, patients, LABELS, None, n_boot=10)["tumour"]["ratio"][
+        "value"
+    ] == pytest.approx(0.3)
