@@ -56,7 +56,7 @@ bench: setup  ## training, preprocessing, memory and sampling benchmarks (ratios
 
 # The whitepaper, rebuilt from the tracked runs in outputs/mlflow.db (the latest finished pipeline run of
 # each config) and the benchmark JSON in benchmarks/results/.
-WHITEPAPER_CONFIGS ?= configs/lgg-2d.yaml configs/hippocampus-3d.yaml configs/demo.yaml
+WHITEPAPER_CONFIGS ?= configs/lgg-2d-clean.yaml configs/lgg-2d.yaml configs/hippocampus-3d.yaml configs/demo.yaml
 whitepaper: setup  ## regenerate whitepaper/ from the MLflow runs of WHITEPAPER_CONFIGS
 	$(VENV)/bin/medsynth report $(foreach c,$(WHITEPAPER_CONFIGS),-c $(c)) --skip-missing --out whitepaper
 

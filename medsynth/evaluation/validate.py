@@ -53,7 +53,11 @@ def _summary_md(cfg: MedsynthConfig, rep: dict[str, Any]) -> str:
         f"sampler {cfg.sampling.sampler} x{cfg.sampling.steps}, guidance {cfg.sampling.guidance_scale}.",
         "",
         f"Autoencoder on the test split: PSNR {rep['autoencoder']['psnr_db']:.2f} dB, "
-        f"SSIM {rep['autoencoder']['ssim']:.3f}.",
+        f"SSIM {rep['autoencoder']['ssim']:.3f}."
+        + "".join(
+            f" {name} contrast kept by the reconstructions: {format_estimate(c['ratio'])} of the real images'."
+            for name, c in (rep["autoencoder"].get("contrast") or {}).items()
+        ),
         "",
         "## Plausibility (segmenter trained on real data)",
         "",
@@ -144,7 +148,7 @@ def run_validation(
     labels = test.labels
 
     # --- autoencoder reconstruction quality on the test split (the ceiling of any synthetic image) ---
-    ae_quality = reconstruction_quality(gen, test.images)
+    ae_quality, recon = reconstruction_quality(gen, test.images)
 
     # --- synthetic images from the test masks ---
     synth = generate_for(gen, test.masks, cfg, seed=vc.seed, progress=progress)
@@ -166,17 +170,17 @@ def run_validation(
         fp_min_voxels=vc.fp_min_voxels,
     )
     derived = cfg.preprocess.derived_label
-    contrast = contrast_report(
-        test.images,
-        synth,
-        test.masks,
-        test.patients,
-        labels,
-        reference=[derived.index] if derived.enabled else None,
-        n_boot=vc.n_bootstrap,
-        seed=vc.seed,
-        ci=vc.ci,
-    )
+    reference = [derived.index] if derived.enabled else None
+
+    def contrast_of(images: torch.Tensor) -> dict[str, Any]:
+        return contrast_report(
+            test.images, images, test.masks, test.patients, labels, reference, vc.n_bootstrap, vc.seed, vc.ci
+        )
+
+    contrast = contrast_of(synth)
+    # the same on the autoencoder's reconstructions: the most contrast a latent-space generator can show
+    contrast_ae = contrast_of(recon)
+    ae_quality["contrast"] = {name: {"ratio": c["ratio"], "visible": c["visible"]} for name, c in contrast_ae.items()}
     figs = []
     lesion = max(k for k in labels if k > 0)
     worst = worst_rows(plaus["rows"], vc.n_worst, label=lesion)
@@ -270,15 +274,28 @@ def run_validation(
 
 
 @torch.no_grad()
-def reconstruction_quality(gen: MaskGenerator, images: torch.Tensor) -> dict[str, float]:
-    """PSNR (dB) and SSIM of the autoencoder's deterministic reconstructions of ``images`` (N, 1, *S) in [0, 1]."""
+def reconstruction_quality(gen: MaskGenerator, images: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+    """PSNR (dB), SSIM and L1 of the autoencoder's deterministic reconstructions of ``images``.
+
+    Args:
+        gen: The generator (its autoencoder is used).
+        images: ``(N, 1, *S)`` in [0, 1].
+
+    Returns:
+        ``(metrics, reconstructions)``; reconstructions ``(N, 1, *S)`` on the CPU.
+    """
     from monai.metrics import SSIMMetric
 
     from medsynth.training.autoencoder import psnr, reconstruct
 
-    rec = reconstruct(gen.ae, images, gen.device)
+    rec = reconstruct(gen.ae, images, gen.device).cpu()
     ssim = SSIMMetric(spatial_dims=images.ndim - 2, data_range=1.0)(rec, images.float())
-    return {"psnr_db": psnr(rec, images), "ssim": float(ssim.mean()), "l1": float((rec - images).abs().mean())}
+    metrics: dict[str, Any] = {
+        "psnr_db": psnr(rec, images),
+        "ssim": float(ssim.mean()),
+        "l1": float((rec - images).abs().mean()),
+    }
+    return metrics, rec
 
 
 def _sample_panel(path: Path, test: ArraySet, synth: torch.Tensor, n: int = 8) -> Path:
@@ -311,6 +328,9 @@ def flat_metrics(rep: dict[str, Any]) -> dict[str, float]:
                 m[f"val/{name}_{key}"] = float(v)
         if c["ratio"].get("value") is not None:
             m[f"val/{name}_contrast_ratio"] = float(c["ratio"]["value"])
+    for name, c in (rep["autoencoder"].get("contrast") or {}).items():
+        if c["ratio"].get("value") is not None:
+            m[f"val/ae_{name}_contrast_ratio"] = float(c["ratio"]["value"])
     m["val/ae_psnr_db"] = float(rep["autoencoder"]["psnr_db"])
     m["val/ae_ssim"] = float(rep["autoencoder"]["ssim"])
     m["val/fid_in_domain"] = float(rep["realism"]["fid"])

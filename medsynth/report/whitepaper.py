@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,11 @@ def plausibility_section(res: ExperimentResults) -> list[str]:
     out = [
         f"{val['n_items']} test items from {val['n_patients']} test patients (run {_rid(run.run_id)}). "
         f"Autoencoder reconstruction on the test split: PSNR {_f(ae.get('psnr_db'), 2)} dB, SSIM "
-        f"{_f(ae.get('ssim'))}.",
+        f"{_f(ae.get('ssim'))}."
+        + "".join(
+            f" Its reconstructions keep {format_estimate(c['ratio'])} of the real {name} contrast."
+            for name, c in (ae.get("contrast") or {}).items()
+        ),
         "",
     ]
     rows = []
@@ -312,21 +317,17 @@ def findings_section(results: Sequence[ExperimentResults]) -> list[str]:
     return _table(["config", "check", "value [95% CI]", "outcome"], rows)
 
 
-def sampler_section(bench_dir: Path | None) -> list[str]:
-    """Sampler speed/quality from ``benchmarks/results/sampling*.json`` (when present)."""
-    files = sorted(bench_dir.glob("sampling*.json")) if bench_dir and bench_dir.is_dir() else []
-    if not files:
-        return ["_No sampling benchmark result found (run `make bench`)._"]
-    cols = [
-        ("label", "sampler"),
-        ("status", "status"),
-        ("nfe", "network evaluations / image"),
-        ("nfe_ratio", "fewer evaluations (x)"),
-        ("seconds", "wall s"),
-        ("speedup", "speed-up (x)"),
-        ("dice", "mean foreground Dice"),
-        ("dice_rel", "Dice vs baseline"),
-    ]
+def _benchmark_tables(
+    bench_dir: Path | None,
+    pattern: str,
+    cols: Sequence[tuple[str, str]],
+    figures_dir: Path | None = None,
+) -> list[str]:
+    """One table per benchmark JSON matching ``pattern`` in ``bench_dir`` (with its command and device).
+
+    A PNG next to a JSON (same stem) is copied to ``figures_dir/benchmarks/`` and shown under its table.
+    """
+    files = sorted(bench_dir.glob(pattern)) if bench_dir and bench_dir.is_dir() else []
     out: list[str] = []
     for path in files:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -339,7 +340,56 @@ def sampler_section(bench_dir: Path | None) -> list[str]:
             *_table([h for _, h in cols], rows),
             "",
         ]
+        png = path.with_suffix(".png")
+        if figures_dir is not None and png.is_file():
+            dst = figures_dir / "benchmarks" / png.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, dst)
+            out += [f"![{png.stem}](figures/benchmarks/{png.name})", "", f"_{png.stem}_", ""]
     return out
+
+
+def sampler_section(bench_dir: Path | None) -> list[str]:
+    """Sampler speed/quality from ``benchmarks/results/sampling*.json`` (when present)."""
+    cols = [
+        ("label", "sampler"),
+        ("status", "status"),
+        ("nfe", "network evaluations / image"),
+        ("nfe_ratio", "fewer evaluations (x)"),
+        ("seconds", "wall s"),
+        ("speedup", "speed-up (x)"),
+        ("dice", "mean foreground Dice"),
+        ("dice_rel", "Dice vs baseline"),
+    ]
+    return _benchmark_tables(bench_dir, "sampling*.json", cols) or [
+        "_No sampling benchmark result found (run `make bench`)._"
+    ]
+
+
+def guidance_section(bench_dir: Path | None, figures_dir: Path | None) -> list[str]:
+    """Guidance sweeps from ``benchmarks/results/guidance-*.json``: is the lesion visible, and only there?"""
+    cols = [
+        ("row", "row"),
+        ("nfe", "network evaluations / image"),
+        ("contrast", "lesion contrast"),
+        ("contrast_rel", "contrast / real"),
+        ("visible", "visible"),
+        ("dice", "lesion Dice"),
+        ("dice_rel", "Dice / real"),
+        ("fp", "FP rate (lesion-free masks)"),
+    ]
+    tables = _benchmark_tables(bench_dir, "guidance-*.json", cols, figures_dir)
+    if not tables:
+        return ["_No guidance sweep found (`python -m benchmarks.guidance --config CONFIG`)._"]
+    return [
+        "Classifier-free guidance scale vs whether the lesion shows where the mask puts it (contrast: mean "
+        "intensity inside the lesion minus that of the reference region, the brain for LGG, in [0, 1]; visible: "
+        "fraction of masks "
+        "whose synthetic contrast is at least half the real one) and nowhere else (false-positive rate of "
+        "the reference segmenter on lesion-free masks).",
+        "",
+        *tables,
+    ]
 
 
 def _figure(res: ExperimentResults, key: str, caption: str) -> list[str]:
@@ -350,8 +400,10 @@ def _figure(res: ExperimentResults, key: str, caption: str) -> list[str]:
     return [f"![{caption}]({path})", "", f"*{caption}*", ""] if path else []
 
 
-def render(results: Sequence[ExperimentResults], bench_dir: Path | None, command: str) -> str:
-    """The whitepaper as Markdown."""
+def render(
+    results: Sequence[ExperimentResults], bench_dir: Path | None, command: str, figures_dir: Path | None = None
+) -> str:
+    """The whitepaper as Markdown (benchmark figures are copied into ``figures_dir`` when given)."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     uris = sorted({r.record.tracking_uri for r in results})
     lines = [
@@ -431,6 +483,10 @@ def render(results: Sequence[ExperimentResults], bench_dir: Path | None, command
         "",
         *sampler_section(bench_dir),
         "",
+        f"### 4.{len(results) + 2} Guidance scale: visible where the mask says, nowhere else?",
+        "",
+        *guidance_section(bench_dir, figures_dir),
+        "",
         "## 5. Limitations",
         "",
         prose.LIMITATIONS,
@@ -503,7 +559,7 @@ def build_whitepaper(
                 raise
             log.warning("left out of the report: %s", exc)
             missing.append(f"{name} ({exc.problem})")
-    text = render(results, Path(bench_dir) if bench_dir else None, command)
+    text = render(results, Path(bench_dir) if bench_dir else None, command, out / "figures")
     if missing:
         text += "\n_Not reported (no finished pipeline run in the store): " + "; ".join(missing) + "._\n"
     md = write_text_atomic(out / WHITEPAPER_MD, text)
