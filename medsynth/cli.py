@@ -261,7 +261,8 @@ def synthesize_cmd(
 @app.command("validate")
 def validate_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = None) -> None:
     """Validate synthetic images: plausibility (real-data segmenter Dice, synthetic vs real, with CIs),
-    realism, diversity and memorisation. Trains the reference segmenter and feature encoder if needed."""
+    visibility (label contrast, synthetic vs real), realism, diversity and memorisation. Trains the
+    reference segmenter and feature encoder if needed."""
     from medsynth import stages
     from medsynth.progress import progress_for
 
