@@ -53,18 +53,11 @@ from benchmarks.common import (
 from benchmarks.sampling import CountingGenerator, load_trained
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import ArraySet
+from medsynth.evaluation.validate import lesion_label
 from medsynth.synthesis.generator import MaskGenerator
 
 NAME = "guidance"
 DEFAULT_SCALES = (1.0, 1.5, 3.0, 5.0, 7.0)
-
-
-def default_label(cfg: MedsynthConfig) -> int:
-    """The structure to sweep for: the label with the largest ControlNet loss weight, else the last data label."""
-    weights = cfg.controlnet.label_weights
-    if weights:
-        return int(max(weights, key=lambda k: (weights[k], -k)))
-    return int(max(cfg.data.labels))
 
 
 def reference_labels(cfg: MedsynthConfig) -> list[int] | None:
@@ -238,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = base_parser(NAME, __doc__.split("\n\n")[0] if __doc__ else NAME)
     add_config_args(p, "configs/lgg-2d.yaml", "trained stage outputs")
     p.add_argument("--scales", default=",".join(f"{s:g}" for s in DEFAULT_SCALES), help="comma-separated scales")
-    p.add_argument("--label", type=int, default=None, help="structure (default: largest ControlNet label weight)")
+    p.add_argument(
+        "--label", type=int, default=None, help="structure (default: medsynth.evaluation.validate.lesion_label)"
+    )
     p.add_argument("--n-masks", type=int, default=48, help="test masks holding the structure (default 48)")
     p.add_argument("--n-free", type=int, default=32, help="test masks lacking it (default 32)")
     p.add_argument("--min-voxels", type=int, default=20, help="smallest structure counted (default 20 voxels)")
@@ -256,7 +251,7 @@ def _body(argv: list[str]) -> int:
     if not scales or min(scales) < 1.0:
         raise BenchmarkError("--scales needs at least one scale, each >= 1.0")
     cfg = load_cfg(args.config, args.overrides)
-    label = default_label(cfg) if args.label is None else int(args.label)
+    label = lesion_label(cfg) if args.label is None else int(args.label)
     reference = reference_labels(cfg)
     gen, seg = load_trained(cfg, args.config, dev)
     from medsynth.data.dataset import load_split

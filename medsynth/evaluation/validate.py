@@ -45,6 +45,21 @@ def generate_for(
     return torch.cat(out)
 
 
+def lesion_label(cfg: MedsynthConfig) -> int:
+    """The label the worst-case figure, the diversity check and the guidance sweep focus on.
+
+    The label with the largest ``controlnet.label_weights`` entry (the one the config says matters
+    most), else the highest data label that is not the derived one (e.g. LGG's tumour, not its
+    derived brain label).
+    """
+    weights = cfg.controlnet.label_weights
+    if weights:
+        return int(max(weights, key=lambda k: (weights[k], -k)))
+    derived = cfg.preprocess.derived_label
+    own = [int(k) for k in cfg.data.labels if k > 0 and not (derived.enabled and k == derived.index)]
+    return max(own) if own else max(int(k) for k in cfg.data.labels)
+
+
 def _summary_md(cfg: MedsynthConfig, rep: dict[str, Any]) -> str:
     lines = [
         f"# Validation: {cfg.name}",
@@ -182,7 +197,7 @@ def run_validation(
     contrast_ae = contrast_of(recon)
     ae_quality["contrast"] = {name: {"ratio": c["ratio"], "visible": c["visible"]} for name, c in contrast_ae.items()}
     figs = []
-    lesion = max(k for k in labels if k > 0)
+    lesion = lesion_label(cfg)
     worst = worst_rows(plaus["rows"], vc.n_worst, label=lesion)
     if worst:
         figs.append(

@@ -108,3 +108,16 @@ def test_contrast_report_real_vs_synthetic() -> None:
     assert contrast_report(real, synth, masks, patients, LABELS, None, n_boot=10)["tumour"]["ratio"][
         "value"
     ] == pytest.approx(0.3)
+
+
+def test_lesion_label_of_the_shipped_configs() -> None:
+    from medsynth.config.loader import load_config
+    from medsynth.evaluation.validate import lesion_label
+
+    root = Path(__file__).resolve().parents[3] / "configs"
+    assert lesion_label(load_config(root / "lgg-2d.yaml")) == 1  # tumour (label weight 4), not the derived brain
+    assert lesion_label(load_config(root / "demo.yaml")) == 4  # the phantom's lesion
+    # without label weights: the highest label that is not the derived one
+    lgg = load_config(root / "lgg-2d.yaml", ["controlnet.label_weights={}"])
+    assert lgg.preprocess.derived_label.index == 2 and lesion_label(lgg) == 1
+    assert lesion_label(load_config(root / "hippocampus-3d.yaml", ["controlnet.label_weights={}"])) == 2
