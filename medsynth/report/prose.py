@@ -55,9 +55,15 @@ LIMITATIONS = """\
   or 10% of the training patients rest on 3 to 6 patients.
 - **Data quality (LGG).** `configs/lgg-2d.yaml`'s QC drops constant (black) slices but lets through
   noise-only edge slices of each stack; percentile normalisation stretches them into full-range noise and the
-  derived brain label covers that noise. The generator learns from them and the worst plausibility cases are
-  such slices. `configs/lgg-2d-clean.yaml` excludes them (`qc.min_signal`); it was not re-run within this
-  budget.
+  derived brain label covers that noise; the worst plausibility cases of that run are such slices.
+  `configs/lgg-2d-clean.yaml` excludes them (`qc.min_signal`) and is the LGG run to read; it also trains the
+  UNet and ControlNet longer and samples with guidance 5, so the two LGG runs differ in more than the QC.
+- **Guidance trades realism for faithfulness.** At the guidance scale of `lgg-2d-clean` (5.0) tumours appear
+  where the mask puts them, but brighter than real ones (see the contrast ratio) and less varied across
+  seeds; they are easier for the segmenter than real tumours, which is why its Dice can exceed the real
+  images'. The guidance sweep (section 4) shows the trade: lower scales match the real contrast more closely,
+  at a lower Dice and more false positives on tumour-free masks. The lesion false-positive rate counts a case
+  when the segmenter marks any pixel of the lesion.
 - **In-domain features.** Fréchet distance and KID use an encoder trained here on the same training split;
   they rank our own runs and are **not comparable** to published Inception/RadImageNet FIDs.
 - **The downstream task is a proxy.** Slice-level tumour presence on LGG (and lesion presence on the

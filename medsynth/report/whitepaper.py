@@ -296,6 +296,16 @@ def findings_section(results: Sequence[ExperimentResults]) -> list[str]:
                         "met" if met else "not met",
                     ]
                 )
+                c = (val.get("contrast") or {}).get(name)
+                if c is not None:
+                    rows.append(
+                        [
+                            res.name,
+                            f"{name}: visible where the mask says (fraction of masks; contrast ratio synth/real)",
+                            format_estimate(c["visible"]),
+                            f"contrast {format_estimate(c['ratio'])} x real",
+                        ]
+                    )
         for r in res.experiment_rows:
             if r["arm"] != "real" or not r["ratio"] or abs(float(r["fraction"]) - 0.1) > 1e-9:
                 continue
