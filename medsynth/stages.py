@@ -383,8 +383,11 @@ def features_key(cfg: MedsynthConfig) -> str:
     return sha256_json({"features": feats, "manifest": sha256_file(p.preprocess / "manifest.json")})
 
 
-VALIDATION_REPORT_VERSION = 2
-"""Bumped when the validation report gains a measurement, so a cached report is recomputed (2: label contrast)."""
+VALIDATION_REPORT_VERSION = 3
+"""Bumped when the validation report gains a measurement, so a cached report is recomputed.
+
+2: label contrast; 3: contrast of the lesion label only, worst cases and diversity on the lesion label.
+"""
 
 
 def validation_key(cfg: MedsynthConfig) -> str:

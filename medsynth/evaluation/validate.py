@@ -184,12 +184,16 @@ def run_validation(
         ci=vc.ci,
         fp_min_voxels=vc.fp_min_voxels,
     )
+    # visibility of the lesion (the label that matters most; tissue classes against "the rest of the
+    # foreground" have no meaningful contrast) against the derived brain label when there is one
+    lesion = lesion_label(cfg)
     derived = cfg.preprocess.derived_label
     reference = [derived.index] if derived.enabled else None
+    lesion_only = {lesion: labels.get(lesion, str(lesion))}
 
     def contrast_of(images: torch.Tensor) -> dict[str, Any]:
         return contrast_report(
-            test.images, images, test.masks, test.patients, labels, reference, vc.n_bootstrap, vc.seed, vc.ci
+            test.images, images, test.masks, test.patients, lesion_only, reference, vc.n_bootstrap, vc.seed, vc.ci
         )
 
     contrast = contrast_of(synth)
@@ -197,7 +201,6 @@ def run_validation(
     contrast_ae = contrast_of(recon)
     ae_quality["contrast"] = {name: {"ratio": c["ratio"], "visible": c["visible"]} for name, c in contrast_ae.items()}
     figs = []
-    lesion = lesion_label(cfg)
     worst = worst_rows(plaus["rows"], vc.n_worst, label=lesion)
     if worst:
         figs.append(

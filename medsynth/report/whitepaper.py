@@ -182,7 +182,7 @@ def plausibility_section(res: ExperimentResults) -> list[str]:
         ]
         out += [
             "",
-            "Visibility without a segmenter: the contrast of each label (mean intensity inside it minus the mean "
+            "Visibility without a segmenter: the contrast of the lesion label (mean intensity inside it minus the mean "
             "of the reference region, intensities in [0, 1]) on the real image and on the synthetic image of the "
             "same mask; _visible_ = fraction of masks whose synthetic contrast has the real sign and at least half "
             "its size.",
