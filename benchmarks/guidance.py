@@ -53,17 +53,11 @@ from benchmarks.common import (
 from benchmarks.sampling import CountingGenerator, load_trained
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import ArraySet
-from medsynth.evaluation.validate import lesion_label
+from medsynth.evaluation.validate import contrast_reference, lesion_label
 from medsynth.synthesis.generator import MaskGenerator
 
 NAME = "guidance"
 DEFAULT_SCALES = (1.0, 1.5, 3.0, 5.0, 7.0)
-
-
-def reference_labels(cfg: MedsynthConfig) -> list[int] | None:
-    """The contrast's reference region: the derived label when the config adds one, else None (other foreground)."""
-    d = cfg.preprocess.derived_label
-    return [int(d.index)] if d.enabled else None
 
 
 def select_masks(
@@ -132,28 +126,29 @@ def sweep(
         ``(rows, images)``: the first row is the real images (``guidance`` None), then one per scale
         with ``guidance``, ``nfe``, ``seconds``, ``cost_ratio``, ``contrast`` (mean over masks holding
         the structure), ``contrast_rel`` (synthetic / real), ``visible`` (fraction of those masks whose
-        synthetic contrast is at least half the real image's), ``dice`` (+ ``dice_lo``/``dice_hi``),
+        synthetic contrast has the real sign and at least half its size; ``contrast_report``), ``dice``
+        (+ ``dice_lo``/``dice_hi``),
         ``dice_rel``, ``fp`` (+ CI); ``images`` maps each scale to its ``(N, 1, *S)`` images.
     """
-    from medsynth.evaluation.metrics import label_contrast
-    from medsynth.evaluation.plausibility import plausibility_report
+    from medsynth.evaluation.plausibility import contrast_report, plausibility_report
     from medsynth.evaluation.segmenter import predict
     from medsynth.evaluation.validate import generate_for
 
     bs = cfg.sampling.batch_size
     name = data.labels.get(label, str(label))
-    real_contrast = label_contrast(data.images, data.masks, label, reference)
     pred_real = predict(seg, data.images, bs)
+    real: dict[str, Any] = {}
 
     def measure(images: torch.Tensor) -> dict[str, Any]:
-        c = label_contrast(images, data.masks, label, reference)
-        has = ~np.isnan(real_contrast)
         rep = plausibility_report(
             pred_real, predict(seg, images, bs), data.masks, data.patients, data.item_ids, {label: name}, n_boot
         )["per_label"][name]
+        con = contrast_report(data.images, images, data.masks, data.patients, {label: name}, reference, n_boot)[name]
+        real.update(contrast=con["contrast_real"]["value"], dice=rep["dice_real"]["value"], fp=rep["fp_real"]["value"])
         return {
-            "contrast": float(np.nanmean(c)),
-            "visible": float(np.mean(c[has] >= 0.5 * real_contrast[has])) if has.any() else None,
+            "contrast": con["contrast_synth"]["value"],
+            "contrast_rel": con["ratio"]["value"],
+            "visible": con["visible"]["value"],
             "dice": rep["dice_synth"]["value"],
             "dice_lo": rep["dice_synth"]["lo"],
             "dice_hi": rep["dice_synth"]["hi"],
@@ -161,23 +156,9 @@ def sweep(
             "fp": rep["fp_synth"]["value"],
             "fp_lo": rep["fp_synth"]["lo"],
             "fp_hi": rep["fp_synth"]["hi"],
-            "fp_real": rep["fp_real"]["value"],
-            "dice_real": rep["dice_real"]["value"],
         }
 
-    real = measure(data.images)
-    rows: list[dict[str, Any]] = [
-        {
-            "row": "real images",
-            "guidance": None,
-            "contrast": real["contrast"],
-            "contrast_rel": 1.0,
-            "dice": real["dice_real"],
-            "dice_lo": None,
-            "dice_hi": None,
-            "fp": real["fp_real"],
-        }
-    ]
+    rows: list[dict[str, Any]] = []
     images: dict[float, torch.Tensor] = {}
     generate_for(gen, data.masks[:1], _with_scale(cfg, 1.0, steps=2), seed=seed)  # warm-up, untimed
     for g in scales:
@@ -195,10 +176,10 @@ def sweep(
                 "guidance": g,
                 "nfe": counted.calls / -(-len(data) // bs),
                 "seconds": seconds,
-                **{k: v for k, v in m.items() if k not in ("fp_real", "dice_real")},
-                "contrast_rel": ratio(m["contrast"], real["contrast"]),
+                **m,
             }
         )
+    rows.insert(0, {"row": "real images", "guidance": None, "contrast_rel": 1.0, **real})
     base = next((r for r in rows if r["guidance"] == 1.0), None)
     for r in rows[1:]:
         r["cost_ratio"] = ratio(r["seconds"], base["seconds"]) if base else None
@@ -252,7 +233,7 @@ def _body(argv: list[str]) -> int:
         raise BenchmarkError("--scales needs at least one scale, each >= 1.0")
     cfg = load_cfg(args.config, args.overrides)
     label = lesion_label(cfg) if args.label is None else int(args.label)
-    reference = reference_labels(cfg)
+    reference = contrast_reference(cfg)
     gen, seg = load_trained(cfg, args.config, dev)
     from medsynth.data.dataset import load_split
     from medsynth.stages import StagePaths
@@ -313,7 +294,8 @@ def _body(argv: list[str]) -> int:
         rows,
         notes=[
             f"contrast: mean intensity in {name} minus the mean of {ref_text}, preprocessing scale [0, 1]",
-            "visible: fraction of masks holding the structure whose synthetic contrast is >= half the real one",
+            "visible: fraction of masks holding the structure whose synthetic contrast has the real sign and at "
+            "least half its size",
             "Dice/FP: the reference segmenter (trained on real data only); FP on masks lacking the structure",
         ],
         extra={"grid": str(grid)},

@@ -46,18 +46,28 @@ def generate_for(
 
 
 def lesion_label(cfg: MedsynthConfig) -> int:
-    """The label the worst-case figure, the diversity check and the guidance sweep focus on.
+    """The label the contrast, the worst-case figure, the diversity check and the guidance sweep focus on.
 
-    The label with the largest ``controlnet.label_weights`` entry (the one the config says matters
-    most), else the highest data label that is not the derived one (e.g. LGG's tumour, not its
-    derived brain label).
+    ``synthesis.lesion_label`` or the highest label named like a lesion, the rule lesion transplants
+    use (:func:`medsynth.synthesis.edits.default_lesion_label`); a vocabulary without such a name
+    (e.g. hippocampus) gives its highest data label.
     """
-    weights = cfg.controlnet.label_weights
-    if weights:
-        return int(max(weights, key=lambda k: (weights[k], -k)))
-    derived = cfg.preprocess.derived_label
-    own = [int(k) for k in cfg.data.labels if k > 0 and not (derived.enabled and k == derived.index)]
-    return max(own) if own else max(int(k) for k in cfg.data.labels)
+    from medsynth.synthesis.edits import LESION_NAME, default_lesion_label
+
+    labels = {int(k): str(v) for k, v in cfg.data.labels.items()}
+    configured = cfg.synthesis.lesion_label
+    if configured is None and not any(k and LESION_NAME.search(v) for k, v in labels.items()):
+        return max(labels)
+    return default_lesion_label(labels, configured)
+
+
+def contrast_reference(cfg: MedsynthConfig) -> list[int] | None:
+    """Reference region of the lesion contrast: the derived label (e.g. the brain) when the config adds one.
+
+    None means the rest of the foreground (:func:`medsynth.evaluation.metrics.label_contrast`).
+    """
+    d = cfg.preprocess.derived_label
+    return [int(d.index)] if d.enabled else None
 
 
 def _summary_md(cfg: MedsynthConfig, rep: dict[str, Any]) -> str:
@@ -187,8 +197,7 @@ def run_validation(
     # visibility of the lesion (the label that matters most; tissue classes against "the rest of the
     # foreground" have no meaningful contrast) against the derived brain label when there is one
     lesion = lesion_label(cfg)
-    derived = cfg.preprocess.derived_label
-    reference = [derived.index] if derived.enabled else None
+    reference = contrast_reference(cfg)
     lesion_only = {lesion: labels.get(lesion, str(lesion))}
 
     def contrast_of(images: torch.Tensor) -> dict[str, Any]:

@@ -271,10 +271,9 @@ def downstream_section(res: ExperimentResults) -> list[str]:
 
 
 def _lesion_label(per_label: dict[str, Any]) -> str | None:
-    for name in per_label:
-        if any(w in name.lower() for w in ("tumour", "tumor", "lesion")):
-            return name
-    return None
+    from medsynth.synthesis.edits import LESION_NAME
+
+    return next((name for name in per_label if LESION_NAME.search(name)), None)
 
 
 def findings_section(results: Sequence[ExperimentResults]) -> list[str]:
@@ -394,9 +393,8 @@ def guidance_section(bench_dir: Path | None, figures_dir: Path | None) -> list[s
     return [
         "Classifier-free guidance scale vs whether the lesion shows where the mask puts it (contrast: mean "
         "intensity inside the lesion minus that of the reference region, the brain for LGG, in [0, 1]; visible: "
-        "fraction of masks "
-        "whose synthetic contrast is at least half the real one) and nowhere else (false-positive rate of "
-        "the reference segmenter on lesion-free masks).",
+        "fraction of masks whose synthetic contrast has the real sign and at least half its size) and nowhere "
+        "else (false-positive rate of the reference segmenter on lesion-free masks).",
         "",
         *tables,
     ]

@@ -406,7 +406,7 @@ def test_guidance_selects_masks_with_and_without_the_structure(tmp_path: Path) -
 
 def test_guidance_sweep_rows(tmp_path: Path) -> None:
     cfg, gen, seg, data = _toy_sampling_setup(tmp_path, "v_prediction")
-    assert guidance.lesion_label(cfg) == 4 and guidance.reference_labels(cfg) is None
+    assert guidance.lesion_label(cfg) == 4 and guidance.contrast_reference(cfg) is None
     rows, images = guidance.sweep(gen, seg, data, cfg, [1.0, 2.5], 4, None, seed=0, n_boot=20)
     real, g1, g25 = rows
     assert real["guidance"] is None and real["contrast_rel"] == 1.0

@@ -112,12 +112,14 @@ def test_contrast_report_real_vs_synthetic() -> None:
 
 def test_lesion_label_of_the_shipped_configs() -> None:
     from medsynth.config.loader import load_config
-    from medsynth.evaluation.validate import lesion_label
+    from medsynth.evaluation.validate import contrast_reference, lesion_label
 
     root = Path(__file__).resolve().parents[3] / "configs"
-    assert lesion_label(load_config(root / "lgg-2d.yaml")) == 1  # tumour (label weight 4), not the derived brain
-    assert lesion_label(load_config(root / "demo.yaml")) == 4  # the phantom's lesion
-    # without label weights: the highest label that is not the derived one
-    lgg = load_config(root / "lgg-2d.yaml", ["controlnet.label_weights={}"])
-    assert lgg.preprocess.derived_label.index == 2 and lesion_label(lgg) == 1
-    assert lesion_label(load_config(root / "hippocampus-3d.yaml", ["controlnet.label_weights={}"])) == 2
+    lgg = load_config(root / "lgg-2d.yaml")
+    assert lesion_label(lgg) == 1  # the label named "tumour", not the derived brain label (2)
+    assert contrast_reference(lgg) == [2] and lgg.preprocess.derived_label.index == 2
+    demo = load_config(root / "demo.yaml")
+    assert lesion_label(demo) == 4 and contrast_reference(demo) is None  # the phantom's lesion
+    # synthesis.lesion_label wins; a vocabulary without a lesion-like name gives its highest label
+    assert lesion_label(load_config(root / "demo.yaml", ["synthesis.lesion_label=3"])) == 3
+    assert lesion_label(load_config(root / "hippocampus-3d.yaml")) == 2
