@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from medsynth.device import resolve_device as pick_device
 from medsynth.errors import MedsynthError
 
 if TYPE_CHECKING:  # only for annotations: these imports cost seconds (MONAI)
     from medsynth.config.schema import MedsynthConfig
-    from medsynth.synthesis.generator import MaskGenerator
+    from medsynth.generator import MaskGenerator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 """The repository root (benchmarks run with it as working directory; configs are relative to it)."""
@@ -96,9 +97,7 @@ def resolve_device(choice: str) -> torch.device:
         raise BenchmarkError(f"--device must be one of {DEVICES}, got {choice!r}")
     if choice == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError("--device cuda was requested but torch sees no CUDA device")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+    return pick_device(None if choice == "auto" else choice)
 
 
 def apply_threads(n: int | None) -> None:
@@ -374,15 +373,15 @@ def random_generator(cfg: MedsynthConfig, num_classes: int, device: torch.device
     The ControlNet is initialised from the (random) UNet as in training; its zero convolutions stay
     zero, which changes no cost.
     """
-    from medsynth.models.autoencoder import build_autoencoder
-    from medsynth.models.unet import build_diffusion_unet
-    from medsynth.synthesis.generator import (
+    from medsynth.generator import (
         MaskGenerator,
         build_controlled,
         latent_channels,
         latent_spatial_shape,
         make_objective,
     )
+    from medsynth.models.autoencoder import build_autoencoder
+    from medsynth.models.unet import build_diffusion_unet
 
     torch.manual_seed(seed)
     dims = cfg.preprocess.spatial_dims

@@ -54,7 +54,7 @@ from benchmarks.sampling import CountingGenerator, load_trained
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import ArraySet
 from medsynth.evaluation.validate import contrast_reference, lesion_label
-from medsynth.synthesis.generator import MaskGenerator
+from medsynth.generator import MaskGenerator
 
 NAME = "guidance"
 DEFAULT_SCALES = (1.0, 1.5, 3.0, 5.0, 7.0)
@@ -236,9 +236,9 @@ def _body(argv: list[str]) -> int:
     reference = contrast_reference(cfg)
     gen, seg = load_trained(cfg, args.config, dev)
     from medsynth.data.dataset import load_split
-    from medsynth.stages import StagePaths
+    from medsynth.pipeline.runner import stage_root
 
-    test = load_split(StagePaths.of(cfg).preprocess, "test")
+    test = load_split((stage_root(cfg) / "preprocess"), "test")
     held, free = select_masks(test, label, args.n_masks, args.n_free, args.min_voxels, reference)
     data = dataclasses.replace(
         held,

@@ -63,7 +63,7 @@ def import_stack() -> None:
     from diffusers.schedulers import scheduling_dpmsolver_multistep  # noqa: F401
 
     import benchmarks.training  # noqa: F401
-    import medsynth.synthesis.generator  # noqa: F401
+    import medsynth.generator  # noqa: F401
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:

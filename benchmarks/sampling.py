@@ -24,6 +24,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ from benchmarks.common import (
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import ArraySet
 from medsynth.diffusion.denoiser import CountingDenoiser, Denoiser
-from medsynth.synthesis.generator import MaskGenerator
+from medsynth.generator import MaskGenerator
 
 NAME = "sampling"
 NFE_TARGET = 30.0
@@ -242,12 +243,13 @@ def load_trained(cfg: MedsynthConfig, config_arg: str, device: torch.device) -> 
     Raises:
         BenchmarkError: If a final checkpoint or the preprocessing cache is missing (run the pipeline first).
     """
+    from medsynth.checkpoint import find_checkpoint
     from medsynth.evaluation.segmenter import load_segmenter
-    from medsynth.stages import StagePaths
-    from medsynth.synthesis.generator import load_generator
-    from medsynth.training.checkpoint import find_checkpoint
+    from medsynth.generator import load_generator
+    from medsynth.pipeline.runner import stage_root
 
-    p = StagePaths.of(cfg)
+    root = stage_root(cfg)
+    p = SimpleNamespace(**{n: root / n for n in ("preprocess", "autoencoder", "unet", "controlnet", "segmenter")})
     missing = [
         f"no final checkpoint in {d}"
         for d in (p.autoencoder, p.unet, p.controlnet, p.segmenter)
@@ -283,9 +285,9 @@ def _body(argv: list[str]) -> int:
     cfg = load_cfg(args.config, args.overrides)
     gen, seg = load_trained(cfg, args.config, dev)
     from medsynth.data.dataset import load_split
-    from medsynth.stages import StagePaths
+    from medsynth.pipeline.runner import stage_root
 
-    data = load_split(StagePaths.of(cfg).preprocess, "test", max_items=args.n_masks)
+    data = load_split((stage_root(cfg) / "preprocess"), "test", max_items=args.n_masks)
     specs = sampler_specs(gen.objective.name, args.ddpm_steps)
     real_dice = mean_foreground_dice(seg, data, data.images, args.batch_size or cfg.sampling.batch_size)
     rows = run_rows(gen, seg, data, cfg, specs, args.seed, args.batch_size, args.guidance_scale)

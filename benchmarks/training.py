@@ -53,10 +53,10 @@ from benchmarks.common import (
     write_result,
 )
 from medsynth.config.schema import MedsynthConfig
+from medsynth.generator import build_controlled, latent_channels, latent_spatial_shape, make_objective
 from medsynth.models.autoencoder import build_autoencoder, downsample_factor, encode_mean
 from medsynth.models.controlnet import init_controlnet_from_unet, one_hot_mask
 from medsynth.models.unet import build_diffusion_unet, encoder_kwargs
-from medsynth.synthesis.generator import build_controlled, latent_channels, latent_spatial_shape, make_objective
 from medsynth.training.common import (
     autocast,
     batch_indices,

@@ -9,7 +9,6 @@ from prefect.artifacts import create_markdown_artifact
 
 from medsynth.config.loader import validate_config
 from medsynth.config.schema import MedsynthConfig
-from medsynth.tracking.stage import StageTracking
 
 
 def config_from_json(cfg_json: dict[str, Any]) -> MedsynthConfig:
@@ -17,23 +16,17 @@ def config_from_json(cfg_json: dict[str, Any]) -> MedsynthConfig:
     return validate_config(cfg_json, "flow parameter", MedsynthConfig)
 
 
-def publish_summary(cfg: MedsynthConfig, stage: str, summary: dict[str, Any], tracking: StageTracking) -> None:
-    """A Prefect markdown artifact summarising a stage and pointing to its MLflow run.
-
-    The stage run is tagged ``medsynth.cached`` (true when the stage was up to date and did no work), so
-    reports find the run that computed the stage's outputs.
-    """
-    if "cached" in summary:
-        tracking.set_tags({"medsynth.cached": str(bool(summary["cached"])).lower()})
-    rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items() if not isinstance(v, dict | list))
-    md = f"## {stage} ({cfg.name})\n\n| field | value |\n|---|---|\n{rows}\n\nTracking: {tracking.run_link()}\n"
+def publish_summary(cfg: MedsynthConfig, stage: str, summary: dict[str, Any]) -> None:
+    """A Prefect markdown artifact summarising a stage run (cached or not, its metrics, its MLflow run)."""
+    result = summary.get("result") or {}
+    rows = [("cached", summary.get("cached")), ("MLflow run", summary.get("run_id") or "(tracking off)")]
+    rows += [("computed by", summary.get("computed_by")), ("model", summary.get("model_uri"))]
+    rows += [(k, f"{v:.4g}") for k, v in (result.get("metrics") or {}).items()]
+    rows += list((result.get("outputs") or {}).items())
+    body = "\n".join(f"| {k} | {v} |" for k, v in rows if v is not None)
+    md = f"## {stage} ({cfg.name})\n\n| field | value |\n|---|---|\n{body}\n"
     key = re.sub(r"[^a-z0-9-]+", "-", f"{cfg.name}-{stage}".lower()).strip("-")
     create_markdown_artifact(markdown=md, key=key, description=f"medsynth {stage} summary")
-
-
-def numeric(summary: dict[str, Any]) -> dict[str, float]:
-    """The numeric entries of a summary (to log as metrics)."""
-    return {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def task_runner(cfg: MedsynthConfig) -> Any:

@@ -1,8 +1,9 @@
-"""The full pipeline: check → preprocess → train (AE → latents → UNet → ControlNet) → synthesise → validate
-→ downstream experiment → report.
+"""The full pipeline: every declared stage in order (``medsynth.pipeline.stages``), one MLflow parent run.
 
 Stages pass paths, summaries and MLflow run ids, never arrays. The pipeline owns one MLflow parent
-run; every stage records a nested run under it.
+run; every stage records a nested run under it, and the parent run carries the headline numbers of
+its stages (lesion Dice ratio, realism, memorised fraction, downstream deltas) so the MLflow runs
+table compares pipelines side by side.
 """
 
 from __future__ import annotations
@@ -12,33 +13,41 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import task_runner
-from flows.experiment import run_experiment_flow
-from flows.preprocess import preprocess_flow
-from flows.report import report_flow
-from flows.synthesize import synthesize_flow
-from flows.train import train_flow
-from flows.validate import validate_flow
+from flows.stage import run_stage_prefect
 from medsynth.config.loader import load_config
 from medsynth.fileio import write_json_atomic
-from medsynth.tracking.stage import finish_pipeline, start_pipeline
+from medsynth.pipeline import stage_order, upstream_closure
+from medsynth.tracking.stage import finish_pipeline, log_headline, start_pipeline
 
 
 @flow(name="medsynth-pipeline")
-def pipeline_flow(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run every stage of the pipeline for a config; returns a summary per stage."""
+def pipeline_flow(
+    config_path: str, overrides: list[str] | None = None, stages: list[str] | None = None
+) -> dict[str, Any]:
+    """Run the stages of the pipeline for a config (all, or ``stages`` and what they need).
+
+    Returns:
+        The MLflow parent run id and each stage's summary (``cached``, ``result``, run ids).
+    """
     cfg = load_config(config_path, overrides or [])
     cfg_json = cfg.model_dump(mode="json")
+    if stages:
+        wanted = {s.name for name in stages for s in upstream_closure(name)}
+        order = [s for s in stage_order() if s.name in wanted]
+    else:
+        order = stage_order()
     parent = start_pipeline(cfg)
     out: dict[str, Any] = {"mlflow_parent_run": parent}
+    headline: dict[str, float] = {}
     try:
-        pre = preprocess_flow.with_options(task_runner=task_runner(cfg))
-        out["preprocess"] = pre(config_path, overrides or [], parent_run_id=parent)
-        out["train"] = train_flow(cfg_json, parent)
-        out["synthesize"] = synthesize_flow(cfg_json, parent_run_id=parent)
-        out["validate"] = validate_flow(cfg_json, parent)
-        out["experiment"] = run_experiment_flow(cfg_json, parent)
-        out["report"] = report_flow(cfg_json, parent)
+        for stage in order:
+            if stage.name == "report":
+                log_headline(cfg, parent, headline)
+            options = {"pipeline_run_id": parent} if stage.name == "report" else None
+            res = run_stage_prefect(stage.name, cfg_json, parent, options)
+            out[stage.name] = res
+            headline.update(((res.get("result") or {}).get("headline")) or {})
+        log_headline(cfg, parent, headline)
     except BaseException:
         finish_pipeline(cfg, parent, "FAILED")
         raise

@@ -132,26 +132,6 @@ def data_phantom(
     typer.echo(f"phantom dataset written to {path}")
 
 
-@app.command("preprocess")
-def preprocess(
-    config: ConfigArg,
-    set_: SetOpt = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder override.")] = None,
-) -> None:
-    """Check and preprocess a dataset into the on-disk cache (unchanged cases are not redone)."""
-    from medsynth.data.preprocess import plan, run_preprocess
-    from medsynth.progress import progress_for
-
-    cfg = _load(config, set_)
-    the_plan = plan(cfg, cache_dir)
-    with progress_for(len(the_plan.todo), "preprocessing") as prog:
-        s = run_preprocess(cfg, cache_dir, prog, the_plan)
-    typer.echo(
-        f"{s.n_cases} cases ({s.n_processed} processed, {s.n_cached} cached, {len(s.excluded)} excluded) -> "
-        f"{s.n_items} items in {s.cache_dir} [{s.seconds:.1f}s]"
-    )
-
-
 @config_app.command("show")
 def config_show(config: ConfigArg, set_: SetOpt = None) -> None:
     """Print the resolved config (file + overrides + defaults) as YAML."""
@@ -175,122 +155,47 @@ def config_reference_cmd(
         typer.echo(text)
 
 
-ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the latest checkpoint.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="Torch device (default: cuda if available, else cpu).")]
 
 
-def _train(stage: str, config: Path, set_: list[str] | None, resume: bool, device: str | None) -> None:
-    from medsynth import stages
+def _progress_for(total: int, desc: str) -> Any:
     from medsynth.progress import progress_for
+
+    return progress_for(total, desc)
+
+
+def _add_stage_commands() -> None:
+    from medsynth.cli_stages import add_stage_commands
+
+    add_stage_commands(app, {"train": train_app}, _load, _progress_for)
+
+
+_add_stage_commands()
+
+
+@app.command("status")
+def status_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Every stage of the pipeline for a config: up to date, or what would run (and why)."""
+    from medsynth.pipeline import stage_order
+    from medsynth.pipeline.keys import read_stamp
+    from medsynth.pipeline.runner import is_up_to_date, stage_root, stale_stages
 
     cfg = _load(config, set_)
-    section = {"autoencoder": cfg.autoencoder, "diffusion": cfg.diffusion, "controlnet": cfg.controlnet}[stage]
-    fn = {"autoencoder": stages.run_autoencoder, "diffusion": stages.run_unet, "controlnet": stages.run_controlnet}
-    with progress_for(section.train.steps, f"train {stage}") as prog:
-        out = fn[stage](cfg, resume=resume, progress=prog, device=device)
-    typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()))
-
-
-@train_app.command("autoencoder")
-def train_autoencoder_cmd(
-    config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True, device: DeviceOpt = None
-) -> None:
-    """Train the KL autoencoder (L1 + KL, optional patch-adversarial loss) and its latent scale factor."""
-    _train("autoencoder", config, set_, resume, device)
-
-
-@train_app.command("latents")
-def train_latents_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = None) -> None:
-    """Encode the train/val splits once with the trained autoencoder (latent means)."""
-    from medsynth import stages
-
-    typer.echo(stages.run_encode(_load(config, set_), device=device))
-
-
-@train_app.command("diffusion")
-def train_diffusion_cmd(
-    config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True, device: DeviceOpt = None
-) -> None:
-    """Train the latent diffusion UNet (epsilon, v-prediction or rectified flow)."""
-    _train("diffusion", config, set_, resume, device)
-
-
-@train_app.command("controlnet")
-def train_controlnet_cmd(
-    config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True, device: DeviceOpt = None
-) -> None:
-    """Train the ControlNet on full-resolution masks, initialised from the frozen UNet."""
-    _train("controlnet", config, set_, resume, device)
-
-
-@app.command("synthesize")
-def synthesize_cmd(
-    config: ConfigArg,
-    out: Annotated[Path, typer.Option(help="Output dataset folder (never overwritten without --overwrite).")],
-    set_: SetOpt = None,
-    masks: Annotated[str | None, typer.Option(help="Mask source: split | folder | manifest.")] = None,
-    masks_path: Annotated[str | None, typer.Option(help="Folder of mask files or CSV manifest.")] = None,
-    split: Annotated[str | None, typer.Option(help="Split whose masks are used (source 'split').")] = None,
-    n_per_mask: Annotated[int | None, typer.Option(help="Images generated per (edited) mask.")] = None,
-    edits: Annotated[str | None, typer.Option(help="Comma-separated edits: none, flip, elastic, transplant.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    model: Annotated[
-        str | None, typer.Option(help="Registered generator (models:/<name>/<version>) instead of the config's runs.")
-    ] = None,
-    device: DeviceOpt = None,
-) -> None:
-    """Synthesise image/mask pairs from real or edited masks into an augmented dataset with provenance."""
-    from medsynth import stages
-    from medsynth.progress import progress_for
-
-    extra = list(set_ or [])
-    for key, value in (("source", masks), ("masks_path", masks_path), ("split", split), ("n_per_mask", n_per_mask)):
-        if value is not None:
-            extra.append(f"synthesis.{key}={value}")
-    if edits:
-        extra.append(f"synthesis.edits=[{edits}]")
-    cfg = _load(config, extra)
-    with progress_for(0, "synthesising") as prog:
-        if model:
-            out_json = stages.synthesize_from_model(cfg, model, out, overwrite=overwrite, progress=prog, device=device)
+    root = stage_root(cfg)
+    stale = set(stale_stages(cfg))
+    for stage in stage_order():
+        stamp = read_stamp(root, stage)
+        if not stage.enabled(cfg):
+            state = "disabled by the config"
+        elif stage.name not in stale:
+            state = f"up to date (finished {stamp.finished if stamp else '?'})"
+        elif stamp is None:
+            state = "never finished: would run"
+        elif is_up_to_date(cfg, stage.name):
+            state = "an upstream stage will run: would run after it"
         else:
-            out_json = stages.run_synthesize(cfg, out, overwrite=overwrite, progress=prog, device=device)
-    typer.echo(f"{out_json.get('n_images')} images -> {out_json['out_dir']} (manifest {out_json.get('manifest')})")
-
-
-@app.command("validate")
-def validate_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = None) -> None:
-    """Validate synthetic images: plausibility (real-data segmenter Dice, synthetic vs real, with CIs),
-    visibility (label contrast, synthetic vs real), realism, diversity and memorisation. Trains the
-    reference segmenter and feature encoder if needed."""
-    from medsynth import stages
-    from medsynth.progress import progress_for
-
-    cfg = _load(config, set_)
-    with progress_for(cfg.segmenter.train.steps, "train segmenter") as prog:
-        stages.run_segmenter(cfg, progress=prog, device=device)
-    with progress_for(cfg.validation.features.train.steps, "train feature encoder") as prog:
-        stages.run_features(cfg, progress=prog, device=device)
-    with progress_for(0, "validating") as prog:
-        out = stages.run_validate(cfg, progress=prog, device=device)
-    typer.echo(f"report: {out['report']}")
-    md = Path(out["report"]).with_name("validation_summary.md")
-    if md.is_file():
-        typer.echo(md.read_text(encoding="utf-8"))
-
-
-@app.command("experiment")
-def experiment_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = None) -> None:
-    """Downstream augmentation grid: a classifier on limited real data, with and without synthetic data,
-    over real-data fractions, synthetic ratios and seeds (needs the trained generator)."""
-    from medsynth import stages
-    from medsynth.evaluation.experiment import grid_cells
-    from medsynth.progress import progress_for
-
-    cfg = _load(config, set_)
-    with progress_for(len(grid_cells(cfg)), "experiment grid") as prog:
-        out = stages.run_experiment(cfg, progress=prog, device=device)
-    typer.echo(Path(out["summary_md"]).read_text(encoding="utf-8"))
+            state = "inputs changed (config section, code version or upstream outputs): would run"
+        typer.echo(f"{stage.name:<12} {root / stage.folder_name!s:<50} {state}")
 
 
 @app.command("ui")
@@ -334,7 +239,7 @@ def runs_cmd(
     config: Annotated[Path | None, typer.Argument(help="Config whose runs to list (default: the demo).")] = None,
 ) -> None:
     """Print the latest finished pipeline run of a config: its stage runs, wall times, key metrics and models."""
-    from medsynth.report.collect import STAGE_ORDER
+    from medsynth.pipeline import stage_order
     from medsynth.tracking.mlflow_store import tracking_uri
     from medsynth.tracking.query import load_pipeline
 
@@ -343,7 +248,7 @@ def runs_cmd(
     p = rec.parent
     typer.echo(f"experiment {rec.experiment} ({rec.tracking_uri})")
     typer.echo(f"pipeline {p.name}  run {p.run_id}  {p.status}  {p.wall_s or 0:.0f} s")
-    order = {s: i for i, s in enumerate(STAGE_ORDER)}
+    order = {s.name: i for i, s in enumerate(stage_order())}
     for name, r in sorted(rec.stages.items(), key=lambda kv: order.get(kv[0], len(order))):
         own = "" if r.tags.get("mlflow.parentRunId") == p.run_id else "  (computed by an earlier execution)"
         keys = [k for k in sorted(r.metrics) if "/" in k][:4]

@@ -136,7 +136,7 @@ class PatientLeakError(MedsynthError, ValueError):
 
 
 class PoolGenerator(Protocol):
-    """What :func:`make_pool` needs of a generator (a :class:`~medsynth.synthesis.generator.MaskGenerator`)."""
+    """What :func:`make_pool` needs of a generator (a :class:`~medsynth.generator.MaskGenerator`)."""
 
     hashes: dict[str, str]
 

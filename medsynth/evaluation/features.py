@@ -25,18 +25,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from medsynth.checkpoint import (
+    completed_checkpoint,
+    find_checkpoint,
+    restore_training_state,
+    resumable_checkpoint,
+)
 from medsynth.config.evaluation import FeatureEncoderConfig
 from medsynth.config.loader import save_resolved
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import ArraySet, load_split
 from medsynth.errors import DataError
 from medsynth.training.autoencoder import StageResult, metrics_of
-from medsynth.training.checkpoint import (
-    completed_checkpoint,
-    find_checkpoint,
-    restore_training_state,
-    resumable_checkpoint,
-)
 from medsynth.training.common import autocast, batch_indices, make_optimizer, optimizer_step, set_threads
 from medsynth.training.context import StageContext, StepTimer
 

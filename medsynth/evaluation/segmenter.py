@@ -23,19 +23,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medsynth.config.loader import save_resolved
-from medsynth.config.schema import MedsynthConfig
-from medsynth.data.dataset import ArraySet, load_split
-from medsynth.errors import DataError
-from medsynth.evaluation.metrics import dice_per_label
-from medsynth.training.autoencoder import StageResult, metrics_of
-from medsynth.training.checkpoint import (
+from medsynth.checkpoint import (
     Checkpoint,
     completed_checkpoint,
     find_checkpoint,
     restore_training_state,
     resumable_checkpoint,
 )
+from medsynth.config.loader import save_resolved
+from medsynth.config.schema import MedsynthConfig
+from medsynth.data.dataset import ArraySet, load_split
+from medsynth.errors import DataError
+from medsynth.evaluation.metrics import dice_per_label
+from medsynth.training.autoencoder import StageResult, metrics_of
 from medsynth.training.common import (
     autocast,
     batch_indices,

@@ -18,15 +18,15 @@ from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import ArraySet, load_split
 from medsynth.evaluation.diversity import diversity_report
 from medsynth.evaluation.features import extract_features, load_feature_encoder
-from medsynth.evaluation.memorisation import closest_pairs_figure, memorisation_audit
 from medsynth.evaluation.metrics import per_label_wasserstein
 from medsynth.evaluation.plausibility import contrast_report, plausibility_report, worst_cases_figure, worst_rows
 from medsynth.evaluation.realism import realism_report
 from medsynth.evaluation.segmenter import load_segmenter, predict
 from medsynth.evaluation.stats import format_estimate, format_value
 from medsynth.fileio import write_json_atomic, write_text_atomic
+from medsynth.generator import MaskGenerator
 from medsynth.progress import NullProgress, Progress
-from medsynth.synthesis.generator import MaskGenerator
+from medsynth.synthesis.memorisation import closest_pairs_figure, memorisation_audit
 from medsynth.tracking.base import NullTracker, Tracker
 
 log = logging.getLogger(__name__)

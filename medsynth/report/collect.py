@@ -21,21 +21,6 @@ from medsynth.tracking.query import PipelineRecord, RunRecord, download_artifact
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = (
-    "check",
-    "preprocess",
-    "autoencoder",
-    "latents",
-    "unet",
-    "controlnet",
-    "segmenter",
-    "features",
-    "synthesize",
-    "validate",
-    "experiment",
-    "report",
-)
-"""Stages in pipeline order (stage runs not listed here are appended after them)."""
 
 FIGURES = {
     "controlnet": ("samples/controlnet", "controlnet"),
@@ -73,10 +58,8 @@ class ExperimentResults:
         return self.record.stages.get(name)
 
     def ordered_stages(self) -> list[RunRecord]:
-        """Stage runs in pipeline order."""
-        known = [self.record.stages[s] for s in STAGE_ORDER if s in self.record.stages]
-        rest = [r for s, r in self.record.stages.items() if s not in STAGE_ORDER]
-        return known + rest
+        """Stage runs in pipeline order (the order the pipeline executed its stages)."""
+        return list(self.record.stages.values())
 
     def cfg(self, dotted: str, default: Any = None) -> Any:
         """A value of the resolved config by dotted key (``autoencoder.train.steps``)."""

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
+from medsynth.checkpoint import FINAL, LATEST, find_checkpoint
 from medsynth.config.loader import config_dict, validate_config
 from medsynth.config.schema import MedsynthConfig
 from medsynth.errors import DataError
 from medsynth.fileio import write_json_atomic
-from medsynth.synthesis.generator import MaskGenerator, load_generator
-from medsynth.training.checkpoint import FINAL, LATEST, find_checkpoint
+from medsynth.generator import MaskGenerator, load_generator
 
 PARTS = ("autoencoder", "unet", "controlnet")
 

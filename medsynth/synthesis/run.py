@@ -26,13 +26,14 @@ import torch
 
 from medsynth.config.schema import MedsynthConfig
 from medsynth.config.synthesis import parse_edit
+from medsynth.device import resolve_device
 from medsynth.errors import ConfigError, DataError, OutputExistsError
-from medsynth.evaluation.memorisation import MemorisationGuard
 from medsynth.fileio import is_nonempty, write_json_atomic
+from medsynth.generator import MaskGenerator
 from medsynth.progress import LogProgress, Progress
 from medsynth.synthesis.edits import apply_edit, default_lesion_label
-from medsynth.synthesis.generator import MaskGenerator
 from medsynth.synthesis.masks import MaskItem, load_masks, mask_vocabulary
+from medsynth.synthesis.memorisation import MemorisationGuard
 from medsynth.synthesis.writer import DATASET_JSON, MANIFEST_JSON, DatasetWriter, Provenance, SyntheticItem
 from medsynth.tracking.base import NullTracker, Tracker
 
@@ -433,7 +434,7 @@ def synthesize_from_config(
         controlnet_run: ControlNet run folder.
         cache_dir: Preprocessing cache (for ``synthesis.source`` 'split'; None: the config's default).
         out_dir: Dataset folder.
-        device: Torch device (default CPU).
+        device: Torch device (default: CUDA if available, else CPU).
         overwrite: Replace a non-empty ``out_dir`` once the new dataset is complete.
         progress: Progress sink.
         tracker: Experiment tracker.
@@ -444,12 +445,12 @@ def synthesize_from_config(
     Raises:
         OutputExistsError: Checked first, before any model or mask is loaded.
     """
-    from medsynth.synthesis.generator import load_generator
+    from medsynth.generator import load_generator
 
     if not overwrite and is_nonempty(out_dir):
         raise OutputExistsError(out_dir)
     labels = mask_vocabulary(cfg)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = resolve_device(device)
     masks = load_masks(cfg, cache_dir)
     generator = load_generator(cfg, ae_run, unet_run, controlnet_run, dev, num_classes=max(labels) + 1)
     guard = memorisation_guard(

@@ -85,7 +85,8 @@ class MlflowSession:
     def __init__(self, cfg: MedsynthConfig) -> None:
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
-        mlflow.set_tracking_uri(self.uri)
+        # no mlflow.set_tracking_uri: it also sets MLFLOW_TRACKING_URI for the whole process, so a later
+        # config without a tracking URI would silently write to this one's store
         self.client = MlflowClient(self.uri)
         name = cfg.tracking.experiment or cfg.name
         exp = self.client.get_experiment_by_name(name)
@@ -113,6 +114,11 @@ class MlflowSession:
         tracker.log_params(flatten(data))
         folder = tmp_dir or Path(self.cfg.output_dir) / self.cfg.name
         path = save_resolved(self.cfg, folder)
+        tracker.log_artifact(path, "config")
+
+    def log_resolved_config(self, tracker: MlflowTracker) -> None:
+        """Attach the resolved config file (YAML) to a run, under ``config/``."""
+        path = save_resolved(self.cfg, Path(self.cfg.output_dir) / self.cfg.name)
         tracker.log_artifact(path, "config")
 
     def log_dataset(self, tracker: MlflowTracker, name: str, source: str, digest: str, context: str) -> None:
@@ -153,7 +159,7 @@ def download_model(uri: str, dst: str | Path, tracking: str | None = None) -> Pa
         raise ValueError(f"{uri}: expected models:/<name>/<version>")
     name, version = uri.removeprefix("models:/").rsplit("/", 1)
     source = client.get_model_version_download_uri(name, version)
-    path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst))
+    path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking)
     return Path(path)
 
 

@@ -98,28 +98,35 @@ def _children(client: MlflowClient, experiment_id: str, parent_id: str) -> list[
 def _stage_runs(client: MlflowClient, experiment_id: str, parent: Run) -> dict[str, RunRecord]:
     """Per stage, the run that computed the stage's current outputs.
 
-    A cached re-run logs a thin stage run tagged ``medsynth.cached=true``; the stage's numbers and
-    pictures live in the latest FINISHED run that did the work (started before the pipeline ended).
-    Stages with only cached runs fall back to the pipeline's own stage run.
+    A cached re-run logs a stage run tagged ``medsynth.cached=true`` that links the run that computed
+    the outputs (``medsynth.computed_by``); the stage's pictures and curves live there. Stores written
+    before that link fall back to the latest FINISHED run that did the work (started before the
+    pipeline ended), else the pipeline's own stage run.
     """
     end = parent.info.end_time or 2**62
     runs = [
         _record(r)
         for r in client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50000)
     ]
+    by_id = {r.run_id: r for r in runs}
     own = {
         r.stage or r.name: r
         for r in sorted(runs, key=lambda r: r.start_ms)
         if r.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
     out: dict[str, RunRecord] = {}
-    for stage, fallback in own.items():
+    for stage, mine in own.items():
+        link = mine.tags.get("medsynth.computed_by")
+        if link and link in by_id:  # the run that computed this stage's outputs
+            out[stage] = by_id[link]
+            continue
+        # stores written before the computed_by link: the latest run that did the work
         done = [
             r
             for r in runs
             if (r.stage or r.name) == stage and r.tags.get("medsynth.cached") != "true" and r.start_ms <= end
         ]
-        out[stage] = max(done, key=lambda r: r.start_ms) if done else fallback
+        out[stage] = max(done, key=lambda r: r.start_ms) if done else mine
     return out
 
 

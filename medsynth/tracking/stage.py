@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,24 @@ class StageTracking:
         """Tag the stage run (no-op when tracking is off)."""
         if self.session is not None:
             self.tracker.set_tags(tags)  # type: ignore[attr-defined]
+
+    def mirror_metrics(self, run_id: str | None, fallback: dict[str, float], step: int | None = None) -> None:
+        """Show the metrics of the run that computed a cached stage (its latest values) on this run.
+
+        Falls back to ``fallback`` (the stage's stored result) when that run is not in this store.
+        """
+        if self.session is None:
+            return
+        metrics = dict(fallback)
+        if run_id:
+            # another store, or a deleted run: the stored result stands
+            with contextlib.suppress(Exception):
+                metrics = {**metrics, **self.session.client.get_run(run_id).data.metrics}
+        self.tracker.log_metrics(metrics, step=step)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params on the stage run (no-op when tracking is off)."""
+        self.tracker.log_params(params)
 
     def run_link(self) -> str:
         """A human-readable pointer to the run (a UI URL for an HTTP server, else the run id)."""
@@ -97,14 +116,14 @@ def finish_pipeline(
 
 @contextmanager
 def tracked_stage(
-    cfg: MedsynthConfig, stage: str, parent_run_id: str | None, section: str | None = None
+    cfg: MedsynthConfig, stage: str, parent_run_id: str | None, params: dict[str, Any] | None = None
 ) -> Iterator[StageTracking]:
-    """A nested MLflow run for ``stage`` under the pipeline run, with the config section as params.
+    """An MLflow run for ``stage`` (nested under the pipeline run when ``parent_run_id`` is given).
 
-    Yields a no-op :class:`StageTracking` when tracking is off or there is no parent run. The run is
-    marked FAILED when the block raises.
+    Logs ``params`` (the stage's own config sections, flattened) and the provenance tags. Yields a
+    no-op :class:`StageTracking` when tracking is off. The run is marked FAILED when the block raises.
     """
-    if not cfg.tracking.enabled or parent_run_id is None:
+    if not cfg.tracking.enabled:
         yield StageTracking()
         return
     from medsynth.tracking.mlflow_store import MlflowSession, stage_run
@@ -112,5 +131,46 @@ def tracked_stage(
     session = MlflowSession(cfg)
     with stage_run(session, stage, parent_run_id) as tracker:
         assert tracker is not None
-        session.log_config(tracker, section=section)
+        if params:
+            tracker.log_params(params)
+        session.log_resolved_config(tracker)
+        if parent_run_id is None:
+            tracker.set_tags(environment_tags())
         yield StageTracking(tracker, tracker.run_id, session)
+
+
+class ChildRunFactory:
+    """A picklable factory of tracked child runs (one per grid cell) under a stage run.
+
+    It holds only the config and a run id, so it travels to Dask worker processes, which open their
+    own connection to the tracking store.
+    """
+
+    def __init__(self, cfg: MedsynthConfig, stage_run_id: str | None, stage: str = "experiment-cell") -> None:
+        self.cfg_json = cfg.model_dump(mode="json")
+        self.stage_run_id, self.stage = stage_run_id, stage
+
+    @contextmanager
+    def __call__(self, name: str, params: dict[str, Any]) -> Iterator[Tracker]:
+        """Open the child run (a no-op tracker when tracking is off or there is no stage run)."""
+        from medsynth.config.loader import validate_config
+
+        cfg = validate_config(self.cfg_json, "child run", MedsynthConfig)
+        if self.stage_run_id is None or not cfg.tracking.enabled:
+            yield NullTracker()
+            return
+        from medsynth.tracking.mlflow_store import MlflowSession, stage_run
+
+        with stage_run(MlflowSession(cfg), name, self.stage_run_id) as tracker:
+            assert tracker is not None
+            tracker.set_tags({"medsynth.stage": self.stage, **{f"cell.{k}": str(v) for k, v in params.items()}})
+            yield tracker
+
+
+def log_headline(cfg: MedsynthConfig, run_id: str | None, metrics: dict[str, float]) -> None:
+    """Log the pipeline's headline numbers on its parent run (compare pipelines in the runs table)."""
+    if run_id is None or not metrics:
+        return
+    from medsynth.tracking.mlflow_store import MlflowSession, MlflowTracker
+
+    MlflowTracker(MlflowSession(cfg).client, run_id).log_metrics(metrics)

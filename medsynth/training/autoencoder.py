@@ -10,17 +10,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medsynth.config.loader import save_resolved
-from medsynth.config.schema import MedsynthConfig
-from medsynth.data.dataset import ArraySet, load_split
-from medsynth.errors import DataError
-from medsynth.models.autoencoder import build_autoencoder, build_discriminator, encode_mean
-from medsynth.training.checkpoint import (
+from medsynth.checkpoint import (
     Checkpoint,
     completed_checkpoint,
     restore_training_state,
     resumable_checkpoint,
 )
+from medsynth.config.loader import save_resolved
+from medsynth.config.schema import MedsynthConfig
+from medsynth.data.dataset import ArraySet, load_split
+from medsynth.errors import DataError
+from medsynth.generator import AE, AE_EMA
+from medsynth.models.autoencoder import build_autoencoder, build_discriminator, encode_mean
 from medsynth.training.common import (
     autocast,
     batch_indices,
@@ -29,13 +30,12 @@ from medsynth.training.common import (
     optimizer_step,
     seeded_global_rng,
     set_threads,
-    unwrap,
     wrap_ddp,
 )
 from medsynth.training.context import StageContext, StepTimer
 from medsynth.viz import save_grid, to_2d
 
-AE, AE_EMA, DISC = "autoencoder", "autoencoder_ema", "discriminator"
+DISC = "discriminator"
 
 
 @dataclass(frozen=True)
@@ -214,17 +214,6 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
         ctx.tracker.log_metrics({"ae/scale_factor": scale}, step=oc.steps)
     path = ckpt.path if ckpt else ctx.run_dir
     return StageResult(ctx.run_dir, path, {**metrics, "scale_factor": scale})
-
-
-def load_autoencoder(cfg: MedsynthConfig, ckpt: Checkpoint, device: torch.device) -> tuple[torch.nn.Module, float]:
-    """Rebuild the autoencoder from a checkpoint (EMA weights when present) and its scale factor."""
-    ae = build_autoencoder(cfg.autoencoder, cfg.preprocess.spatial_dims)
-    name = AE_EMA if (ckpt.path / f"{AE_EMA}.safetensors").is_file() else AE
-    weights = ckpt.weights(name)
-    weights = {k.removeprefix("module."): v for k, v in weights.items() if k != "n_averaged"}
-    ae.load_state_dict(weights)
-    ae.to(device).eval()
-    return unwrap(ae), float(ckpt.extras["scale_factor"])
 
 
 def summarize(result: StageResult) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medsynth.config.training import OptimConfig
+from medsynth.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,7 @@ def init_distributed() -> DistInfo:
 
 def pick_device(info: DistInfo | None = None) -> torch.device:
     """CUDA (this process's local rank) when available, else CPU."""
-    if torch.cuda.is_available():
-        idx = info.local_rank if info else 0
-        torch.cuda.set_device(idx)
-        return torch.device("cuda", idx)
-    return torch.device("cpu")
+    return resolve_device(None, info.local_rank if info else 0)
 
 
 def autocast(device: torch.device, mode: str) -> contextlib.AbstractContextManager[None]:

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
+from medsynth.checkpoint import Checkpoint, save_checkpoint
 from medsynth.config.loader import config_dict
 from medsynth.config.schema import MedsynthConfig
 from medsynth.progress import NullProgress, Progress
 from medsynth.tracking.base import NullTracker, Tracker
-from medsynth.training.checkpoint import Checkpoint, save_checkpoint
 from medsynth.training.common import DistInfo, eta_str, init_distributed, pick_device
 
 log = logging.getLogger("medsynth.training")

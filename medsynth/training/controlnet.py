@@ -9,13 +9,16 @@ import numpy.typing as npt
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from medsynth.checkpoint import (
+    completed_checkpoint,
+    restore_training_state,
+    resumable_checkpoint,
+)
 from medsynth.config.loader import save_resolved
 from medsynth.config.schema import MedsynthConfig
 from medsynth.config.stages import ControlNetStage
 from medsynth.diffusion.objectives import DiffusionObjective
-from medsynth.models.autoencoder import downsample_factor
-from medsynth.models.controlnet import ControlledUNet, one_hot_mask
-from medsynth.synthesis.generator import (
+from medsynth.generator import (
     CONTROLNET,
     CONTROLNET_EMA,
     build_controlled,
@@ -23,12 +26,9 @@ from medsynth.synthesis.generator import (
     load_unet,
     make_objective,
 )
+from medsynth.models.autoencoder import downsample_factor
+from medsynth.models.controlnet import ControlledUNet, one_hot_mask
 from medsynth.training.autoencoder import StageResult, metrics_of
-from medsynth.training.checkpoint import (
-    completed_checkpoint,
-    restore_training_state,
-    resumable_checkpoint,
-)
 from medsynth.training.common import (
     autocast,
     batch_indices,

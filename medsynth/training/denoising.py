@@ -52,16 +52,6 @@ def bind_cond(denoise: Denoiser, cond: Tensor | None) -> Callable[[Tensor, Tenso
     return net
 
 
-def unconditional(unet: torch.nn.Module) -> Denoiser:
-    """A :data:`Denoiser` for a plain ``DiffusionModelUNet`` (the conditioning is ignored)."""
-
-    def denoise(x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-        out: Tensor = unet(x, timesteps=t)
-        return out
-
-    return denoise
-
-
 def label_weight_map(onehot: Tensor, label_weights: dict[int, float], factor: int) -> Tensor | None:
     """Per-latent-pixel loss weights from a full-resolution one-hot mask.
 

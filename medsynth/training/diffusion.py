@@ -6,16 +6,16 @@ from pathlib import Path
 
 import torch
 
-from medsynth.config.loader import save_resolved
-from medsynth.config.schema import MedsynthConfig
-from medsynth.models.unet import build_diffusion_unet
-from medsynth.synthesis.generator import UNET, UNET_EMA, load_generator, make_objective
-from medsynth.training.autoencoder import StageResult, metrics_of
-from medsynth.training.checkpoint import (
+from medsynth.checkpoint import (
     completed_checkpoint,
     restore_training_state,
     resumable_checkpoint,
 )
+from medsynth.config.loader import save_resolved
+from medsynth.config.schema import MedsynthConfig
+from medsynth.generator import UNET, UNET_EMA, load_generator, make_objective, unconditional
+from medsynth.models.unet import build_diffusion_unet
+from medsynth.training.autoencoder import StageResult, metrics_of
 from medsynth.training.common import (
     autocast,
     batch_indices,
@@ -27,7 +27,7 @@ from medsynth.training.common import (
     wrap_ddp,
 )
 from medsynth.training.context import StageContext, StepTimer
-from medsynth.training.denoising import bind_cond, denoising_loss, unconditional, validation_loss
+from medsynth.training.denoising import bind_cond, denoising_loss, validation_loss
 from medsynth.training.latents import LatentSet, load_latents
 from medsynth.viz import save_grid, to_2d
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsynth.checkpoint import find_checkpoint
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import load_split
 from medsynth.errors import DataError
 from medsynth.fileio import sha256_file, write_atomic, write_json_atomic
+from medsynth.generator import load_autoencoder
 from medsynth.models.autoencoder import encode_mean
 from medsynth.progress import NullProgress, Progress
-from medsynth.training.autoencoder import load_autoencoder
-from medsynth.training.checkpoint import find_checkpoint
 
 
 @dataclass(frozen=True)

@@ -213,16 +213,17 @@ def test_killed_during_controlnet_resumes_without_redoing_earlier_stages(tmp_pat
         assert children[stage].info.status == "FINISHED"
 
     # the resumed ControlNet equals an uninterrupted one (batches and noise depend on (seed, step) only)
-    from medsynth import stages
+    from medsynth.checkpoint import find_checkpoint
     from medsynth.config import load_config
-    from medsynth.training.checkpoint import find_checkpoint
+    from medsynth.pipeline import run_stage
+    from medsynth.pipeline.runner import stage_key
 
     ref_root = tmp_path / "reference"
     for name in EARLIER:
         shutil.copytree(stage_root / name, ref_root / "tiny" / name)
     ref_cfg = load_config(cfg_path, [f"output_dir={ref_root}", "tracking.enabled=false"])
-    assert stages.controlnet_key(ref_cfg) == find_checkpoint(stage_root / "controlnet", "final").extras["input_key"]
-    stages.run_controlnet(ref_cfg, device="cpu")
+    assert stage_key(ref_cfg, "controlnet") == find_checkpoint(stage_root / "controlnet", "final").extras["input_key"]
+    run_stage(ref_cfg, "controlnet", device="cpu", track=False)
     ref, got = find_checkpoint(ref_root / "tiny" / "controlnet", "final"), find_checkpoint(cn_ckpts.parent, "final")
     assert ref is not None and got is not None
     assert got.file_hashes() == ref.file_hashes()

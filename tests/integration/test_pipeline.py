@@ -97,21 +97,58 @@ def test_pipeline_runs_every_stage_and_tracks_it(tiny_run: dict[str, Any]) -> No
     from mlflow import MlflowClient
 
     first = tiny_run["first"]
-    assert not first["train"]["autoencoder"]["cached"]
-    assert first["validate"]["validate"]["report"].endswith("validation_report.json")
+    assert not first["autoencoder"]["cached"]
+    assert first["validate"]["result"]["outputs"]["report"].endswith("validation_report.json")
     db = tiny_run["root"] / "out" / "mlflow.db"
     _check_store(MlflowClient(f"sqlite:///{db}"), "tiny", first["mlflow_parent_run"])
 
 
 def test_rerun_is_cached_and_trains_nothing(tiny_run: dict[str, Any]) -> None:
     second = tiny_run["second"]
-    for stage in ("autoencoder", "unet", "controlnet"):
-        assert second["train"][stage]["cached"], stage
-    assert second["train"]["latents"]["cached"]
-    assert second["synthesize"]["cached"] and second["validate"]["validate"]["cached"]
-    assert second["validate"]["segmenter"]["cached"] and second["preprocess"]["n_processed"] == 0
-    assert second["experiment"]["n_trained"] == 0 and second["experiment"]["n_skipped"] > 0
+    for stage in STAGES:
+        assert second[stage]["cached"], stage
+        assert second[stage]["computed_by"] == tiny_run["first"][stage]["run_id"], stage
+        assert second[stage]["result"] == tiny_run["first"][stage]["result"], stage  # the computing run's result
+    first_pre = tiny_run["first"]["preprocess"]["result"]["metrics"]
+    assert first_pre["n_processed"] == first_pre["n_cases"] > 0
     assert tiny_run["t_second"] < tiny_run["t_first"]
+
+
+def test_cached_stage_runs_link_the_run_that_computed_them(tiny_run: dict[str, Any]) -> None:
+    """Second pipeline in the MLflow store: every stage run cached, linked, with the computing run's metrics;
+    params are the stage's own config sections only; the parent run carries the headline metrics."""
+    from mlflow import MlflowClient
+
+    from medsynth.pipeline import get_stage
+
+    client = MlflowClient(f"sqlite:///{tiny_run['root'] / 'out' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    by_id = {r.info.run_id: r for r in runs}
+    for label in ("first", "second"):
+        parent_id = tiny_run[label]["mlflow_parent_run"]
+        children = {
+            r.data.tags["medsynth.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id
+        }
+        assert set(children) == STAGES
+        parent = by_id[parent_id]
+        assert any(k.startswith("val/") and k.endswith("_ratio") for k in parent.data.metrics), parent.data.metrics
+        assert "val/memorised_fraction" in parent.data.metrics and "val/fid_in_domain" in parent.data.metrics
+        assert any(k.startswith("exp/delta_") for k in parent.data.metrics)
+        for stage, run in children.items():
+            sections = get_stage(stage).reads
+            assert all(any(p.startswith(f"{s}.") for s in sections) for p in run.data.params), (stage, run.data.params)
+            computed = by_id[run.data.tags["medsynth.computed_by"]]
+            assert computed.data.tags["medsynth.cached"] == "false"
+            if label == "second":
+                assert run.data.tags["medsynth.cached"] == "true", stage
+                assert computed.data.tags["mlflow.parentRunId"] == tiny_run["first"]["mlflow_parent_run"]
+                assert run.data.metrics == computed.data.metrics, stage
+            if computed.data.metrics:
+                assert run.data.metrics, stage
+    # one name per number: no metric is logged under a second, unprefixed name
+    ae = by_id[tiny_run["first"]["autoencoder"]["run_id"]]
+    assert "ae/val_psnr" in ae.data.metrics and "val_psnr" not in ae.data.metrics
 
 
 def test_report_is_built_from_the_runs_that_did_the_work(tiny_run: dict[str, Any], tmp_path: Path) -> None:
@@ -138,7 +175,7 @@ def test_report_is_built_from_the_runs_that_did_the_work(tiny_run: dict[str, Any
         if r.data.tags["mlflow.parentRunId"] == first
     ]
     assert first_val and f"`{first_val[0].info.run_id[:8]}`" in text  # the run that computed the report
-    report = json.loads(Path(tiny_run["first"]["validate"]["validate"]["report"]).read_text(encoding="utf-8"))
+    report = json.loads(Path(tiny_run["first"]["validate"]["result"]["outputs"]["report"]).read_text(encoding="utf-8"))
     lesion = report["plausibility"]["per_label"]["lesion"]
     assert format_estimate(lesion["dice_synth"]) in text and format_estimate(lesion["ratio"]) in text
     contrast = report["contrast"]["lesion"]  # visibility: lesion contrast on real vs synthetic images
@@ -155,17 +192,19 @@ def test_report_is_built_from_the_runs_that_did_the_work(tiny_run: dict[str, Any
 
 
 def test_registered_generator_reproduces_images(tiny_run: dict[str, Any], tmp_path: Path) -> None:
-    from medsynth import stages
     from medsynth.config import load_config
     from medsynth.data.io import read_image
+    from medsynth.pipeline import run_stage
+    from medsynth.pipeline.stages import SynthesizeOptions, synthesize_from_model
 
     cfg = load_config(tiny_run["cfg"])
-    uri = tiny_run["first"]["train"]["generator"]["model_uri"]
+    uri = tiny_run["first"]["generator"]["model_uri"]
     assert uri and uri.startswith("models:/medsynth-tiny-generator/")
-    a = stages.synthesize_from_model(cfg, uri, tmp_path / "from_model")
-    b = stages.run_synthesize(cfg, tmp_path / "from_runs")
-    files_a = sorted((Path(a["out_dir"]) / "images").iterdir())
-    files_b = sorted((Path(b["out_dir"]) / "images").iterdir())
+    synthesize_from_model(cfg, uri, tmp_path / "from_model")
+    out = run_stage(cfg, "synthesize", options=SynthesizeOptions(out=tmp_path / "from_runs"), track=False)
+    assert not out.cached and out.result is not None
+    files_a = sorted((tmp_path / "from_model" / "images").iterdir())
+    files_b = sorted((tmp_path / "from_runs" / "images").iterdir())
     assert [f.name for f in files_a] == [f.name for f in files_b] and files_a
     for fa, fb in zip(files_a, files_b, strict=True):
         np.testing.assert_array_equal(read_image(fa).array, read_image(fb).array)
@@ -228,12 +267,13 @@ def test_pipeline_reports_to_a_real_mlflow_server(prefect_harness: None, tmp_pat
 
 def test_experiment_grid_fans_out_on_a_local_dask_cluster(tiny_run: dict[str, Any]) -> None:
     """New grid cells (another seed) run as Prefect tasks on a local Dask cluster (prefect-dask)."""
-    from flows.experiment import run_experiment_flow
+    from flows.stage import run_stage_prefect
     from medsynth.config import load_config
 
     cfg = load_config(
         tiny_run["cfg"], ["experiment.seeds=[0,1]", "orchestration.task_runner=dask", "orchestration.max_workers=2"]
     )
-    out = run_experiment_flow(cfg.model_dump(mode="json"), None)
-    assert out["n_trained"] > 0  # the seed-1 cells, on Dask
-    assert out["n_skipped"] > 0  # the seed-0 cells recorded by the pipeline run
+    out = run_stage_prefect("experiment", cfg.model_dump(mode="json"), None)
+    metrics = out["result"]["metrics"]
+    assert metrics["exp/n_trained"] > 0  # the seed-1 cells, on Dask
+    assert metrics["exp/n_trained"] < metrics["exp/n_cells"]  # the seed-0 cells recorded by the pipeline run

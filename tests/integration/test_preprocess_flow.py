@@ -9,7 +9,7 @@ import yaml
 
 
 def test_preprocess_flow_on_phantom(prefect_harness: None, tmp_path: Path) -> None:
-    from flows.preprocess import preprocess_flow
+    from flows.pipeline import pipeline_flow
 
     cfg = {
         "name": "flowtest",
@@ -26,19 +26,25 @@ def test_preprocess_flow_on_phantom(prefect_harness: None, tmp_path: Path) -> No
     path = tmp_path / "flow.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
-    first = preprocess_flow(str(path), [])
-    manifest = Path(first["manifest"])
+    first = pipeline_flow(str(path), [], stages=["check", "preprocess"])
+    assert set(first) == {"mlflow_parent_run", "check", "preprocess"}
+    pre = first["preprocess"]["result"]
+    manifest = Path(pre["outputs"]["manifest"])
     assert manifest.is_file()
     assert manifest.parent == tmp_path / "out" / "flowtest" / "preprocess"
-    assert (first["n_cases"], first["n_processed"], first["n_cached"], first["n_excluded"]) == (6, 6, 0, 0)
+    m = pre["metrics"]
+    assert (m["n_cases"], m["n_processed"], m["n_cached"], m["n_excluded"]) == (6, 6, 0, 0)
     data = json.loads(manifest.read_text(encoding="utf-8"))
-    assert data["n_items"] == first["n_items"] == 6
+    assert data["n_items"] == m["n_items"] == 6
     assert {it["patient_id"] for it in data["items"]} == {f"phantom_{i:03d}" for i in range(3)}
     assert all(it["shape"] == [32, 32] for it in data["items"])
-    assert first["qc"]["n_bad"] == 0
+    assert first["check"]["result"]["metrics"]["qc/n_bad"] == 0
     assert (tmp_path / "out" / "flowtest" / "qc" / "qc_report.json").is_file()
 
-    second = preprocess_flow(str(path), [])
-    assert (second["n_processed"], second["n_cached"]) == (0, 6)
+    second = pipeline_flow(str(path), [], stages=["preprocess"])
+    assert second["preprocess"]["cached"]  # same data, same config: the stage is up to date
+    third = pipeline_flow(str(path), ["preprocess.foreground_margin=3"], stages=["preprocess"])
+    m3 = third["preprocess"]["result"]["metrics"]
+    assert not third["preprocess"]["cached"] and m3["n_processed"] == 6  # a preprocessing setting changed
     assert json.loads(manifest.read_text(encoding="utf-8"))["items"] == data["items"]
     assert not list(manifest.parent.glob(".staging-*"))

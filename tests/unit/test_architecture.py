@@ -35,3 +35,79 @@ def test_only_tracking_imports_mlflow() -> None:
 def test_only_data_io_reads_images_with_nibabel_or_simpleitk() -> None:
     users = {str(p.relative_to(LIB)) for p in LIB.rglob("*.py") if _imports(p) & {"nibabel", "SimpleITK"}}
     assert users == {"data/io.py"}
+
+
+LAYERS: dict[str, int] = {
+    # the bottom: no medsynth dependencies beyond these
+    "errors": 0,
+    "fileio": 0,
+    "progress": 0,
+    "ledger": 0,
+    "viz": 0,
+    "config": 0,
+    "checkpoint": 0,
+    "device": 0,
+    # data, networks, diffusion maths, the tracker interface
+    "data": 1,
+    "models": 1,
+    "diffusion": 1,
+    "tracking": 1,
+    # generator assembly, shared by training and synthesis
+    "generator": 2,
+    # training and synthesis never import each other
+    "training": 3,
+    "synthesis": 3,
+    "evaluation": 4,
+    "report": 5,
+    "pipeline": 6,
+    "cli_stages": 7,
+    "cli": 7,
+}
+"""Layers only point down: a module imports lower layers and its own layer, never a higher one."""
+
+APART = {frozenset({"training", "synthesis"})}
+"""Packages of one layer that must not import each other."""
+
+
+def _medsynth_imports(path: Path) -> set[str]:
+    """Top-level medsynth packages/modules a file imports (module level and inside functions)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        for n in names:
+            parts = n.split(".")
+            if parts[0] == "medsynth" and len(parts) > 1:
+                out.add(parts[1])
+    return out
+
+
+def _unit(path: Path) -> str:
+    rel = path.relative_to(LIB)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def test_every_module_has_a_layer() -> None:
+    units = {_unit(p) for p in LIB.rglob("*.py")} - {"__init__", "__main__"}
+    assert units <= set(LAYERS), units - set(LAYERS)
+
+
+def test_imports_never_run_back_up_the_layers() -> None:
+    offenders = []
+    for p in LIB.rglob("*.py"):
+        unit = _unit(p)
+        if unit not in LAYERS:
+            continue
+        for dep in _medsynth_imports(p):
+            if dep in LAYERS and (LAYERS[dep] > LAYERS[unit] or frozenset({dep, unit}) in APART):
+                offenders.append(f"{p.relative_to(LIB)} -> medsynth.{dep}")
+    assert offenders == [], offenders
+
+
+def test_the_layer_check_sees_real_imports() -> None:
+    assert "generator" in _medsynth_imports(LIB / "training" / "diffusion.py")
+    assert "pipeline" in _medsynth_imports(LIB / "cli.py")

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from medsynth.checkpoint import find_checkpoint
 from medsynth.config.loader import validate_config
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import load_split
@@ -35,7 +36,6 @@ from medsynth.evaluation.segmenter import (
     predict,
     train_segmenter,
 )
-from medsynth.training.checkpoint import find_checkpoint
 from medsynth.training.context import StageContext
 
 torch.set_num_threads(1)

@@ -16,10 +16,10 @@ from medsynth.config.stages import SamplingConfig
 from medsynth.data.io import read_image
 from medsynth.data.layouts import discover
 from medsynth.errors import ConfigError, DataError, OutputExistsError
+from medsynth.generator import MaskGenerator, build_controlled, latent_channels, make_objective
+from medsynth.generator import latent_spatial_shape as latent_shape
 from medsynth.models.autoencoder import build_autoencoder
 from medsynth.models.unet import build_diffusion_unet
-from medsynth.synthesis.generator import MaskGenerator, build_controlled, latent_channels, make_objective
-from medsynth.synthesis.generator import latent_spatial_shape as latent_shape
 from medsynth.synthesis.masks import MaskItem
 from medsynth.synthesis.run import GRID_NAME, image_seed, synthesize
 from medsynth.synthesis.writer import MANIFEST_ROW_KEYS
@@ -213,7 +213,7 @@ def test_refusals_happen_before_any_generation(generator: MaskGenerator, tmp_pat
 
 
 def test_memorisation_guard_refuses_copies_of_training_images(generator: MaskGenerator, tmp_path: Path) -> None:
-    from medsynth.evaluation.memorisation import MemorisationGuard
+    from medsynth.synthesis.memorisation import MemorisationGuard
 
     masks = _masks(2)
     plain = synthesize(_cfg(synthesis={"n_grid": 0}), generator, masks, tmp_path / "plain")

@@ -21,11 +21,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from medsynth.checkpoint import find_checkpoint
 from medsynth.config.loader import config_dict, validate_config
 from medsynth.config.schema import MedsynthConfig
-from medsynth.synthesis.generator import UNET
+from medsynth.generator import UNET
 from medsynth.training import context, diffusion
-from medsynth.training.checkpoint import find_checkpoint
 from medsynth.training.common import batch_indices
 from medsynth.training.context import StageContext
 

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+from medsynth.checkpoint import find_checkpoint
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import load_split
 from medsynth.fileio import sha256_file
+from medsynth.generator import CONTROLNET, CONTROLNET_EMA, load_autoencoder, load_generator
 from medsynth.models.autoencoder import encode_mean
 from medsynth.models.controlnet import build_controlnet, one_hot_mask
-from medsynth.synthesis.generator import CONTROLNET, CONTROLNET_EMA, load_generator
-from medsynth.training.autoencoder import load_autoencoder, train_autoencoder
-from medsynth.training.checkpoint import find_checkpoint
+from medsynth.training.autoencoder import train_autoencoder
 from medsynth.training.context import StageContext
 from medsynth.training.controlnet import drop_masks, train_controlnet
 from medsynth.training.denoising import label_weight_map

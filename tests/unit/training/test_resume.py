@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from medsynth.checkpoint import find_checkpoint
 from medsynth.config.schema import MedsynthConfig
-from medsynth.synthesis.generator import CONTROLNET, CONTROLNET_EMA, UNET, UNET_EMA
+from medsynth.generator import CONTROLNET, CONTROLNET_EMA, UNET, UNET_EMA
 from medsynth.training.autoencoder import AE, AE_EMA, DISC, train_autoencoder
-from medsynth.training.checkpoint import find_checkpoint
 from medsynth.training.context import StageContext
 from medsynth.training.controlnet import train_controlnet
 from medsynth.training.diffusion import train_diffusion

@@ -1,5 +1,9 @@
 """The trained generator: autoencoder + diffusion UNet (+ ControlNet) behind one ``generate`` call.
 
+Generator assembly (weight names, loading the networks from checkpoints, the objective) lives here,
+below both ``training`` (which trains these networks) and ``synthesis`` (which samples from them), so
+neither of the two imports the other.
+
 Networks and samplers meet only through the narrow ``denoise(x, t, cond)`` signature: this module
 builds that callable from the networks, and :mod:`medsynth.diffusion.samplers` integrates it.
 """
@@ -14,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from medsynth.checkpoint import Checkpoint, find_checkpoint
 from medsynth.config.schema import MedsynthConfig
 from medsynth.config.stages import SamplingConfig
 from medsynth.diffusion.denoiser import Denoiser
@@ -21,14 +26,38 @@ from medsynth.diffusion.guidance import cfg_denoiser
 from medsynth.diffusion.objectives import DiffusionObjective, build_objective
 from medsynth.diffusion.samplers import sample
 from medsynth.errors import DataError
-from medsynth.models.autoencoder import downsample_factor
+from medsynth.models.autoencoder import build_autoencoder, downsample_factor
 from medsynth.models.controlnet import ControlledUNet, build_controlnet, one_hot_mask
 from medsynth.models.unet import build_diffusion_unet
-from medsynth.training.autoencoder import load_autoencoder
-from medsynth.training.checkpoint import Checkpoint, find_checkpoint
-from medsynth.training.denoising import unconditional
 
 UNET, UNET_EMA, CONTROLNET, CONTROLNET_EMA = "unet", "unet_ema", "controlnet", "controlnet_ema"
+AE, AE_EMA = "autoencoder", "autoencoder_ema"
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(module, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else module
+
+
+def load_autoencoder(cfg: MedsynthConfig, ckpt: Checkpoint, device: torch.device) -> tuple[torch.nn.Module, float]:
+    """Rebuild the autoencoder from a checkpoint (EMA weights when present) and its scale factor."""
+    ae = build_autoencoder(cfg.autoencoder, cfg.preprocess.spatial_dims)
+    name = AE_EMA if (ckpt.path / f"{AE_EMA}.safetensors").is_file() else AE
+    weights = ckpt.weights(name)
+    weights = {k.removeprefix("module."): v for k, v in weights.items() if k != "n_averaged"}
+    ae.load_state_dict(weights)
+    ae.to(device).eval()
+    return _unwrap(ae), float(ckpt.extras["scale_factor"])
+
+
+def unconditional(unet: torch.nn.Module) -> Denoiser:
+    """A :data:`Denoiser` for a plain ``DiffusionModelUNet`` (the conditioning is ignored)."""
+
+    def denoise(x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        out: Tensor = unet(x, timesteps=t)
+        return out
+
+    return denoise
 
 
 def ema_weights(ckpt: Checkpoint, name: str, ema_name: str) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""Checkpoints (medsynth.training.checkpoint): exact round trip, no pickles, pointers, pruning, atomicity."""
+"""Checkpoints (medsynth.checkpoint): exact round trip, no pickles, pointers, pruning, atomicity."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medsynth.config.training import OptimConfig
-from medsynth.fileio import sha256_file
-from medsynth.training.checkpoint import (
+from medsynth.checkpoint import (
     FINAL,
     LATEST,
     Checkpoint,
@@ -18,6 +16,8 @@ from medsynth.training.checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
+from medsynth.config.training import OptimConfig
+from medsynth.fileio import sha256_file
 from medsynth.training.common import make_ema, make_optimizer
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsynth.evaluation.memorisation import (
+from medsynth.synthesis.memorisation import (
     closest_pairs_figure,
     memorisation_audit,
     nearest_neighbours,
