@@ -234,6 +234,9 @@ def synthesize_cmd(
     n_per_mask: Annotated[int | None, typer.Option(help="Images generated per (edited) mask.")] = None,
     edits: Annotated[str | None, typer.Option(help="Comma-separated edits: none, flip, elastic, transplant.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    model_grid: Annotated[
+        bool, typer.Option(help="Write mask-file sources on the model's grid instead of each mask's own geometry.")
+    ] = False,
     model: Annotated[
         str | None, typer.Option(help="Registered generator (models:/<name>/<version>) instead of the config's runs.")
     ] = None,
@@ -249,6 +252,8 @@ def synthesize_cmd(
             extra.append(f"synthesis.{key}={value}")
     if edits:
         extra.append(f"synthesis.edits=[{edits}]")
+    if model_grid:
+        extra.append("synthesis.output_geometry=model")
     cfg = _load(config, extra)
     with progress_for(0, "synthesising") as prog:
         if model:

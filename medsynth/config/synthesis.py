@@ -81,6 +81,13 @@ class SynthesisConfig(StrictModel):
         "full affine is in manifest.json).",
     )
     png_dtype: Literal["uint8", "uint16"] = Field("uint8", description="PNG output: image sample type.")
+    output_geometry: Literal["native", "model"] = Field(
+        "native",
+        description="Masks from files (source folder/manifest): 'native' writes each image/mask pair on its "
+        "source mask's own grid (size, spacing, orientation, origin; SimpleITK resampling, image linear, mask "
+        "nearest); 'model' writes the model's grid (preprocess.spatial_size). Split sources are always on the "
+        "model grid. manifest.json records both geometries of every item.",
+    )
     intensity_range: tuple[float, float] | None = Field(
         None,
         description="[lo, hi]: write NIfTI images as lo + x * (hi - lo) instead of the model's [0, 1] scale "
