@@ -263,6 +263,36 @@ def synthesize_cmd(
     typer.echo(f"{out_json.get('n_images')} images -> {out_json['out_dir']} (manifest {out_json.get('manifest')})")
 
 
+@app.command("export")
+def export_cmd(
+    config: ConfigArg,
+    out: Annotated[Path, typer.Option(help="New dataset folder (never overwritten).")],
+    format_: Annotated[str, typer.Option("--format", help="nnunetv2 | msd | folder.")] = "nnunetv2",
+    with_real: Annotated[bool, typer.Option(help="Add the real training cases of the preprocessing cache.")] = False,
+    native: Annotated[bool, typer.Option(help="Each case on its source mask's own grid and intensity scale.")] = False,
+    synthetic: Annotated[
+        Path | None, typer.Option(help="Synthetic dataset to export (default: the config's synthetic/ folder).")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Export the augmented dataset (synthetic, optionally with the real cases) as nnU-Net v2, MSD or a folder."""
+    from medsynth.stages import StagePaths
+    from medsynth.synthesis.export import export_dataset
+
+    cfg = _load(config, set_)
+    paths = StagePaths.of(cfg)
+    summary = export_dataset(
+        cfg,
+        out,
+        format_,
+        synthetic_dir=synthetic or paths.synthetic,
+        cache_dir=paths.preprocess,
+        with_real=with_real,
+        native=native,
+    )
+    typer.echo(f"{summary.n_real} real + {summary.n_synthetic} synthetic cases -> {out} ({format_})")
+
+
 @app.command("validate")
 def validate_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = None) -> None:
     """Validate synthetic images: plausibility (real-data segmenter Dice, synthetic vs real, with CIs),

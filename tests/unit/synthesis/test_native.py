@@ -9,16 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.io import read_image, write_image
-from medsynth.data.preprocess import output_labels, run_preprocess
+from medsynth.data.preprocess import run_preprocess
 from medsynth.errors import DataError
-from medsynth.models.autoencoder import build_autoencoder
-from medsynth.models.unet import build_diffusion_unet
-from medsynth.synthesis.generator import MaskGenerator, build_controlled, latent_channels, make_objective
-from medsynth.synthesis.generator import latent_spatial_shape as latent_shape
 from medsynth.synthesis.masks import load_masks, masks_from_folder, masks_from_manifest, masks_from_split
 from medsynth.synthesis.native import NativeGeometry, to_native
 from medsynth.synthesis.run import synthesize
@@ -26,31 +21,9 @@ from medsynth.synthesis.run import synthesize
 torch.set_num_threads(1)
 
 PNG_AFFINE = np.diag([-1.0, -1.0, 1.0])
-TINY_NETS: dict[str, Any] = {
-    "autoencoder": {
-        "network": {
-            "channels": [8, 8],
-            "latent_channels": 2,
-            "num_res_blocks": 1,
-            "attention_levels": [False, False],
-            "norm_num_groups": 4,
-        }
-    },
-    "diffusion": {
-        "network": {
-            "channels": [8, 8],
-            "attention_levels": [False, False],
-            "num_res_blocks": 1,
-            "num_head_channels": 8,
-            "norm_num_groups": 4,
-        }
-    },
-    "controlnet": {"network": {"conditioning_embedding_num_channels": [8, 8]}},
-    "sampling": {"sampler": "ddim", "steps": 2, "batch_size": 4, "guidance_scale": 1.0},
-}
 
 
-def lgg_like(tmp: Path, **synthesis: Any) -> MedsynthConfig:
+def lgg_like(tmp: Path, nets: dict[str, Any], **synthesis: Any) -> MedsynthConfig:
     """The LGG config's data/preprocess sections (tumour = 255, 4 mm, 64x64, derived 'brain') with tiny networks."""
     raw = {
         "name": "lgg-native",
@@ -62,41 +35,23 @@ def lgg_like(tmp: Path, **synthesis: Any) -> MedsynthConfig:
             "spatial_size": [64, 64],
             "derived_label": {"enabled": True, "name": "brain", "index": 2, "threshold": "otsu"},
         },
-        **TINY_NETS,
+        **nets,
         "synthesis": {"n_grid": 0, **synthesis},
     }
     return MedsynthConfig.model_validate(raw)
 
 
-def hippo_like(tmp: Path, **synthesis: Any) -> MedsynthConfig:
+def hippo_like(tmp: Path, nets: dict[str, Any], **synthesis: Any) -> MedsynthConfig:
     """A 3D config: RAS, 2 mm isotropic, 16^3 grid, labels 0/1/2."""
     raw = {
         "name": "hippo-native",
         "output_dir": str(tmp / "out"),
         "data": {"root": str(tmp / "data"), "labels": {0: "background", 1: "anterior", 2: "posterior"}},
         "preprocess": {"spatial_dims": 3, "orientation": "RAS", "spacing": [2.0, 2.0, 2.0], "spatial_size": [16] * 3},
-        **TINY_NETS,
+        **nets,
         "synthesis": {"n_grid": 0, **synthesis},
     }
     return MedsynthConfig.model_validate(raw)
-
-
-def tiny_generator(cfg: MedsynthConfig) -> MaskGenerator:
-    """A real MaskGenerator of tiny untrained networks (zero-initialised weights filled so masks matter)."""
-    dims = cfg.preprocess.spatial_dims
-    n_classes = max(output_labels(cfg)) + 1
-    torch.manual_seed(0)
-    ae = build_autoencoder(cfg.autoencoder, dims).eval()
-    unet = build_diffusion_unet(cfg.diffusion, dims, latent_channels(cfg))
-    controlled = build_controlled(cfg, unet, num_classes=n_classes)
-    with torch.no_grad():
-        for p in controlled.parameters():
-            if p.ndim > 1 and not p.any():
-                nn.init.normal_(p, std=0.2)
-    objective = make_objective(cfg, latent_shape(cfg))
-    return MaskGenerator(
-        ae, controlled.eval(), objective, 1.0, n_classes, latent_channels(cfg), torch.device("cpu"), {"x": "0" * 64}
-    )
 
 
 def lgg_slice(side: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -119,12 +74,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1))
 
 
-def test_native_png_mask_synthesises_in_its_own_geometry(tmp_path: Path) -> None:
+def test_native_png_mask_synthesises_in_its_own_geometry(tmp_path: Path, tiny_nets, make_generator) -> None:
     image, mask = lgg_slice()
     write_image(tmp_path / "in" / "TCGA_X_1_mask.png", mask, PNG_AFFINE)
     write_image(tmp_path / "in" / "TCGA_X_1.png", image, PNG_AFFINE)
     (tmp_path / "masks.csv").write_text("mask,image\nin/TCGA_X_1_mask.png,in/TCGA_X_1.png\n")
-    cfg = lgg_like(tmp_path, source="manifest", masks_path=str(tmp_path / "masks.csv"))
+    cfg = lgg_like(tmp_path, tiny_nets, source="manifest", masks_path=str(tmp_path / "masks.csv"))
     items = load_masks(cfg)
     it = items[0]
     assert it.mask.shape == (1, 64, 64) and set(np.unique(it.mask)) == {0, 1, 2}  # 255 -> tumour, brain derived
@@ -133,7 +88,7 @@ def test_native_png_mask_synthesises_in_its_own_geometry(tmp_path: Path) -> None
     # tumour area is preserved through the 4 mm resampling: 40x40 px of 1 mm = 10x10 px of 4 mm
     assert abs(int((it.mask == 1).sum()) - 100) <= 22
 
-    gen = tiny_generator(cfg)
+    gen = make_generator(cfg)
     out = synthesize(cfg, gen, items, tmp_path / "syn").out_dir
     row = _rows(out)[0]
     written = read_image(out / row["image"])
@@ -158,10 +113,10 @@ def test_native_png_mask_synthesises_in_its_own_geometry(tmp_path: Path) -> None
     assert mrow["native_geometry"] == row["native_geometry"]
 
 
-def test_derived_label_needs_the_image_or_the_mask_holding_it(tmp_path: Path) -> None:
+def test_derived_label_needs_the_image_or_the_mask_holding_it(tmp_path: Path, tiny_nets) -> None:
     image, mask = lgg_slice()
     write_image(tmp_path / "m" / "a.png", mask, PNG_AFFINE)
-    cfg = lgg_like(tmp_path)
+    cfg = lgg_like(tmp_path, tiny_nets)
     with pytest.raises(DataError, match=r"no 'brain' label \(index 2\).*derives") as info:
         masks_from_folder(tmp_path / "m", cfg)
     assert info.value.path.endswith("a.png") and "column 'image'" in info.value.hint
@@ -176,7 +131,7 @@ def test_derived_label_needs_the_image_or_the_mask_holding_it(tmp_path: Path) ->
     assert info.value.path.endswith("other.png")
 
 
-def test_nifti_mask_with_anisotropic_spacing_and_another_orientation(tmp_path: Path) -> None:
+def test_nifti_mask_with_anisotropic_spacing_and_another_orientation(tmp_path: Path, tiny_nets, make_generator) -> None:
     # LPI-like grid: axes flipped and permuted, 0.9 x 1.7 x 3.1 mm, an oblique-free but non-RAS direction
     shape = (30, 18, 9)
     affine = np.array([[0.0, -1.7, 0.0, 20.0], [-0.9, 0.0, 0.0, 14.0], [0.0, 0.0, -3.1, 9.0], [0.0, 0.0, 0.0, 1.0]])
@@ -184,13 +139,13 @@ def test_nifti_mask_with_anisotropic_spacing_and_another_orientation(tmp_path: P
     mask[4:14, 3:10, 2:6] = 1
     mask[16:26, 6:14, 3:7] = 2
     write_image(tmp_path / "m" / "case7.nii.gz", mask, affine)
-    cfg = hippo_like(tmp_path, source="folder", masks_path=str(tmp_path / "m"))
+    cfg = hippo_like(tmp_path, tiny_nets, source="folder", masks_path=str(tmp_path / "m"))
     items = load_masks(cfg)
     it = items[0]
     assert it.mask.shape == (1, 16, 16, 16) and set(np.unique(it.mask)) == {0, 1, 2}
     np.testing.assert_allclose(np.abs(np.diag(it.affine)[:3]), [2.0, 2.0, 2.0], atol=1e-5)  # RAS, 2 mm
     assert np.all(np.diag(it.affine)[:3] > 0)
-    out = synthesize(cfg, tiny_generator(cfg), items, tmp_path / "syn").out_dir
+    out = synthesize(cfg, make_generator(cfg), items, tmp_path / "syn").out_dir
     row = _rows(out)[0]
     back = read_image(out / row["mask"], kind="mask")
     img = read_image(out / row["image"])
