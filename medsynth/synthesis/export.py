@@ -227,7 +227,7 @@ def _synthetic_cases(
         def load(row: dict[str, Any] = row, target: NativeGeometry | None = target, rng: Any = rng) -> Arrays:
             img = read_image(synthetic_dir / row["image"])
             msk = read_image(synthetic_dir / row["mask"], kind="mask")
-            x, m, aff = _model_scale(row, img.array), msk.array.astype(np.uint8), msk.affine
+            x, m, aff = _model_scale(row, img.array.astype(np.float32)), msk.array.astype(np.uint8), msk.affine
             if target is not None and not (x.shape == target.shape and np.allclose(aff, target.affine, atol=1e-4)):
                 x, m = to_native(x, m, aff, target)
                 aff = target.affine

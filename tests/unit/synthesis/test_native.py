@@ -74,7 +74,9 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1))
 
 
-def test_native_png_mask_synthesises_in_its_own_geometry(tmp_path: Path, tiny_nets, make_generator) -> None:
+def test_native_png_mask_synthesises_in_its_own_geometry(
+    tmp_path: Path, tiny_nets: dict[str, Any], make_generator: Any
+) -> None:
     image, mask = lgg_slice()
     write_image(tmp_path / "in" / "TCGA_X_1_mask.png", mask, PNG_AFFINE)
     write_image(tmp_path / "in" / "TCGA_X_1.png", image, PNG_AFFINE)
@@ -113,7 +115,7 @@ def test_native_png_mask_synthesises_in_its_own_geometry(tmp_path: Path, tiny_ne
     assert mrow["native_geometry"] == row["native_geometry"]
 
 
-def test_derived_label_needs_the_image_or_the_mask_holding_it(tmp_path: Path, tiny_nets) -> None:
+def test_derived_label_needs_the_image_or_the_mask_holding_it(tmp_path: Path, tiny_nets: dict[str, Any]) -> None:
     image, mask = lgg_slice()
     write_image(tmp_path / "m" / "a.png", mask, PNG_AFFINE)
     cfg = lgg_like(tmp_path, tiny_nets)
@@ -131,7 +133,9 @@ def test_derived_label_needs_the_image_or_the_mask_holding_it(tmp_path: Path, ti
     assert info.value.path.endswith("other.png")
 
 
-def test_nifti_mask_with_anisotropic_spacing_and_another_orientation(tmp_path: Path, tiny_nets, make_generator) -> None:
+def test_nifti_mask_with_anisotropic_spacing_and_another_orientation(
+    tmp_path: Path, tiny_nets: dict[str, Any], make_generator: Any
+) -> None:
     # LPI-like grid: axes flipped and permuted, 0.9 x 1.7 x 3.1 mm, an oblique-free but non-RAS direction
     shape = (30, 18, 9)
     affine = np.array([[0.0, -1.7, 0.0, 20.0], [-0.9, 0.0, 0.0, 14.0], [0.0, 0.0, -3.1, 9.0], [0.0, 0.0, 0.0, 1.0]])
@@ -159,7 +163,7 @@ def test_nifti_mask_with_anisotropic_spacing_and_another_orientation(tmp_path: P
         assert _dice(back.array == label, mask == label) > 0.6, label
 
 
-def test_derived_label_from_a_given_image_equals_the_training_time_one(synth, tmp_path: Path) -> None:
+def test_derived_label_from_a_given_image_equals_the_training_time_one(synth: Any, tmp_path: Path) -> None:
     data = synth.png_patients(patients=("P1", "P2", "P3", "P4"), slices=2)
     raw = synth.raw(
         data,
