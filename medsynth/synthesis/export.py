@@ -411,7 +411,9 @@ def export_dataset(
         raise DataError("--format", f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out_dir)
     if is_nonempty(out):
-        raise OutputExistsError(out)
+        err = OutputExistsError(out)
+        err.hint = "export never overwrites: choose a new --out folder"
+        raise err
     syn = Path(synthetic_dir)
     loaded: list[_Cache] = []
 
@@ -427,6 +429,16 @@ def export_dataset(
     if with_real:
         cases = _real_cases(cfg, cache(), real_split, native) + cases
     _check_ids(cases, syn)
+    spaces = {str(c.row.get("intensity_space", "")).split(" ")[0] for c in cases}
+    if native and len(spaces) > 1:
+        log.warning(
+            "%s: cases mix intensity scales %s (synthetic cases without a known source image stay on [0, 1]); "
+            "per-case normalisation (nnU-Net's z-score for MRI) absorbs this, fixed-range normalisation does not "
+            "(see 'intensity_space' in %s)",
+            out,
+            sorted(spaces),
+            PROVENANCE_CSV,
+        )
     _check_labels(labels, fmt, syn / MANIFEST_JSON)
     prog = progress or LogProgress(len(cases), "exporting")
     rows: list[dict[str, Any]] = []

@@ -118,8 +118,9 @@ def test_export_refuses_before_writing_anything(augmented: dict[str, Any], tmp_p
     cfg, cache, syn = augmented["cfg"], augmented["cache"], augmented["syn"]
     taken = tmp_path / "taken"
     (taken / "x").mkdir(parents=True)
-    with pytest.raises(OutputExistsError):
+    with pytest.raises(OutputExistsError) as info:
         export_dataset(cfg, taken, "nnunetv2", synthetic_dir=syn)
+    assert "never overwrites" in info.value.hint
     with pytest.raises(DataError, match="unknown export format"):
         export_dataset(cfg, tmp_path / "a", "zip", synthetic_dir=syn)
 
