@@ -147,6 +147,13 @@ def test_export_refuses_before_writing_anything(augmented: dict[str, Any], tmp_p
     with pytest.raises(DataError, match="consecutive"):
         export_dataset(cfg, out, "nnunetv2", synthetic_dir=edited)
     assert not out.exists() and not list(tmp_path.glob(".never.*"))
+    # a file that fails while writing (after the plan passed) leaves nothing behind either
+    manifest["labels"] = {"0": "background", "1": "tumour", "2": "brain"}
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    (edited / manifest["items"][1]["image"]).unlink()
+    with pytest.raises(DataError, match="does not exist"):
+        export_dataset(cfg, out, "msd", synthetic_dir=edited)
+    assert not out.exists() and not list(tmp_path.glob(".never.*"))
 
 
 def test_native_export_of_cache_split_sources_uses_the_case_files(
