@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.io import read_image, write_image
@@ -172,3 +174,26 @@ def test_native_export_of_cache_split_sources_uses_the_case_files(
         assert back.array.shape == src.array.shape == (16, 12)
         np.testing.assert_allclose(back.affine, src.affine, atol=1e-5)
         assert r["intensity_space"] == "source" and read_image(out / r["image"]).array.max() > 1.5
+
+
+def test_cli_export_writes_and_then_refuses_in_one_line(
+    augmented: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from medsynth.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(augmented["cfg"].model_dump(mode="json"), sort_keys=False))
+    out = tmp_path / "cli-export"
+    argv = ["medsynth", "export", "-c", str(config), "--format", "folder", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--synthetic", str(augmented["syn"])])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code in (0, None)
+    assert "0 real + 2 synthetic cases" in capsys.readouterr().out
+    assert len(_provenance(out)) == 2
+    with pytest.raises(SystemExit) as info:  # a second export into the same folder: one line, exit 2
+        main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"error: {out}: output already exists" in err
+    assert "never overwrites" in err
