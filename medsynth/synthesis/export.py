@@ -43,9 +43,10 @@ import numpy as np
 import numpy.typing as npt
 
 from medsynth.config.schema import MedsynthConfig
+from medsynth.data.case_transform import transform_case
 from medsynth.data.io import read_image, write_image
 from medsynth.data.labels import remap_and_validate
-from medsynth.data.preprocess import load_manifest, transform_case
+from medsynth.data.preprocess import load_manifest
 from medsynth.errors import DataError, OutputExistsError
 from medsynth.fileio import is_nonempty, staged_dir, write_json_atomic, write_text_atomic
 from medsynth.progress import LogProgress, Progress

@@ -4,9 +4,9 @@ One mechanism serves synthesis from mask files (:mod:`medsynth.synthesis.masks`)
 native-geometry export (:mod:`medsynth.synthesis.export`):
 
 * **In** (:func:`mask_to_grid`): a mask file (any size, spacing, orientation; raw label values) and
-  optionally its image go through the *training* transforms (:func:`medsynth.data.preprocess.transform_case`:
+  optionally its image go through the *training* transforms (:func:`medsynth.data.case_transform.transform_case`:
   orientation, spacing, foreground crop, intensity scaling, derived label) and the crop/pad to
-  ``preprocess.spatial_size`` (:func:`medsynth.data.preprocess.to_model_grid`). The mask's own
+  ``preprocess.spatial_size`` (:func:`medsynth.data.case_transform.to_model_grid`). The mask's own
   geometry is kept as a :class:`NativeGeometry` record.
 * **Out** (:func:`to_native`): an array on the model grid is resampled with SimpleITK onto the
   recorded native grid (image linear, mask nearest neighbour); voxels outside the model grid's
@@ -28,9 +28,9 @@ import numpy as np
 import numpy.typing as npt
 
 from medsynth.config.schema import MedsynthConfig
+from medsynth.data.case_transform import to_model_grid, transform_case
 from medsynth.data.io import read_image, resample_to, spacing_from_affine
 from medsynth.data.labels import remap_and_validate
-from medsynth.data.preprocess import to_model_grid, transform_case
 from medsynth.errors import DataError
 
 __all__ = ["GridMask", "NativeGeometry", "mask_to_grid", "to_native"]
