@@ -35,7 +35,7 @@ def pipeline_flow(
         wanted = {s.name for name in stages for s in upstream_closure(name)}
         order = [s for s in stage_order() if s.name in wanted]
     else:
-        order = stage_order()
+        order = stage_order(pipeline_only=True)
     parent = start_pipeline(cfg)
     out: dict[str, Any] = {"mlflow_parent_run": parent}
     headline: dict[str, float] = {}

@@ -183,7 +183,7 @@ def status_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
     cfg = _load(config, set_)
     root = stage_root(cfg)
     stale = set(stale_stages(cfg))
-    for stage in stage_order():
+    for stage in stage_order(pipeline_only=True):
         stamp = read_stamp(root, stage)
         if not stage.enabled(cfg):
             state = "disabled by the config"

@@ -45,9 +45,10 @@ class SynthesisConfig(StrictModel):
     )
     masks_path: str | None = Field(
         None,
-        description="Folder of mask files (source 'folder') or CSV manifest (source 'manifest'). Masks must "
-        "already have the model's image size (preprocess.spatial_size) and use the label vocabulary "
-        "(data.labels after data.label_remap, plus an enabled derived label).",
+        description="Folder of mask files (source 'folder') or CSV manifest (source 'manifest': columns mask, "
+        "optional image, id, patient, intensity_lo, intensity_hi). Masks of any size, spacing and orientation go "
+        "through the training transforms (orientation, spacing, crop/pad, data.label_remap); a derived label "
+        "(preprocess.derived_label) is computed from the manifest's image, or must already be in the mask.",
     )
     max_masks: int | None = Field(None, ge=1, description="Use only the first N source masks (quick runs).")
     edits: list[str] = Field(
@@ -81,6 +82,13 @@ class SynthesisConfig(StrictModel):
         "full affine is in manifest.json).",
     )
     png_dtype: Literal["uint8", "uint16"] = Field("uint8", description="PNG output: image sample type.")
+    output_geometry: Literal["native", "model"] = Field(
+        "native",
+        description="Masks from files (source folder/manifest): 'native' writes each image/mask pair on its "
+        "source mask's own grid (size, spacing, orientation, origin; SimpleITK resampling, image linear, mask "
+        "nearest); 'model' writes the model's grid (preprocess.spatial_size). Split sources are always on the "
+        "model grid. manifest.json records both geometries of every item.",
+    )
     intensity_range: tuple[float, float] | None = Field(
         None,
         description="[lo, hi]: write NIfTI images as lo + x * (hi - lo) instead of the model's [0, 1] scale "

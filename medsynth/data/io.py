@@ -242,3 +242,41 @@ def write_image(path: str | Path, array: npt.NDArray[np.generic], affine: npt.ND
 def display_2d(array: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
     """Turn an index-ordered 2D array ``(X, Y)`` into display order ``(rows, cols)``."""
     return np.asarray(array).T
+
+
+def resample_to(
+    array: npt.NDArray[np.generic],
+    affine: npt.NDArray[np.float64],
+    shape: tuple[int, ...],
+    target_affine: npt.NDArray[np.float64],
+    interpolation: Literal["linear", "nearest"],
+    default: float = 0.0,
+) -> npt.NDArray[np.generic]:
+    """Resample an array onto another voxel grid of the same world space (SimpleITK, identity transform).
+
+    Args:
+        array: Values ``(*S)`` in index order, placed in the world by ``affine``.
+        affine: ``(D+1, D+1)`` RAS affine of ``array``.
+        shape: Target grid size ``(*T)``.
+        target_affine: ``(D+1, D+1)`` RAS affine of the target grid.
+        interpolation: ``"linear"`` for images, ``"nearest"`` for label masks.
+        default: Value of target voxels outside ``array``'s extent.
+
+    Returns:
+        The resampled array ``(*T)``: float32 for linear, the input dtype for nearest.
+    """
+    import SimpleITK as sitk
+
+    d = len(shape)
+    if np.asarray(array).ndim != d or affine.shape != (d + 1, d + 1) or target_affine.shape != (d + 1, d + 1):
+        raise ValueError(f"cannot resample a {np.asarray(array).ndim}D array onto a {d}D grid")
+    src = np.asarray(array)
+    moving = _to_itk(src.astype(np.float32) if interpolation == "linear" else src, affine)
+    ref = _to_itk(np.zeros(tuple(int(s) for s in shape), np.uint8), target_affine)
+    f = sitk.ResampleImageFilter()
+    f.SetReferenceImage(ref)
+    f.SetInterpolator(sitk.sitkLinear if interpolation == "linear" else sitk.sitkNearestNeighbor)
+    f.SetDefaultPixelValue(float(default))
+    f.SetTransform(sitk.Transform(d, sitk.sitkIdentity))
+    out = sitk.GetArrayFromImage(f.Execute(moving))
+    return np.ascontiguousarray(out.transpose(tuple(range(d))[::-1]))

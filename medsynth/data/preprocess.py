@@ -32,11 +32,11 @@ import torch
 
 from medsynth.config.loader import save_resolved
 from medsynth.config.schema import MedsynthConfig
+from medsynth.data.case_transform import transform_case
 from medsynth.data.cases import Case, assign_splits, split_summary, splits_json
-from medsynth.data.derived import foreground_label, merge_derived
 from medsynth.data.layouts import discover
 from medsynth.data.qc import load_and_check
-from medsynth.data.transforms import IMAGE, MASK, pad_crop_transform, to_meta, volume_pipeline
+from medsynth.data.transforms import IMAGE, MASK, pad_crop_transform, to_meta
 from medsynth.errors import DataError
 from medsynth.fileio import sha256_file, sha256_json, write_atomic, write_json_atomic
 from medsynth.progress import NullProgress, Progress
@@ -267,17 +267,9 @@ def process_case(w: CaseWork, cfg: MedsynthConfig, staging: Path) -> CaseResult:
     if not qc.ok or img is None or remapped is None:
         return CaseResult(w.case, meta, meta["qc"])
     pc = cfg.preprocess
-    d = volume_pipeline(pc, img.ndim)(
-        {IMAGE: to_meta(img.array, img.affine, torch.float32), MASK: to_meta(remapped, img.affine, torch.float32)}
-    )
-    image, mask = d[IMAGE], d[MASK]
-    affine = np.asarray(image.affine, dtype=np.float64)
-    mask_np = np.asarray(mask[0]).round().astype(np.int64)
-    orig_fg = mask_np > 0
-    if pc.derived_label.enabled:
-        mask_np = merge_derived(
-            mask_np, foreground_label(np.asarray(image[0]), pc.derived_label), pc.derived_label.index
-        )
+    tc = transform_case(img.array, remapped, img.affine, pc)
+    assert tc.image is not None
+    image, mask_np, orig_fg, affine = tc.image, tc.mask, tc.original_foreground, tc.affine
     mask_t = torch.as_tensor(mask_np[None], dtype=torch.float32)
     if pc.spatial_dims == 2:
         if img.ndim == 3:

@@ -47,14 +47,41 @@ class ForegroundPercentileScaled(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             x = d[key]
-            fg = x[x > 0]
-            if fg.numel() == 0:
+            rng = foreground_percentiles(x, self.lower, self.upper)
+            if rng is None:
                 continue
-            q = torch.quantile(fg.float(), torch.tensor([self.lower / 100, self.upper / 100], dtype=torch.float32))
-            lo, hi = float(q[0]), float(q[1])
+            lo, hi = rng
             scaled = ((x - lo) / max(hi - lo, 1e-8)).clamp(0.0, 1.0)
             d[key] = torch.where(x > 0, scaled, torch.zeros_like(scaled))
         return d
+
+
+def foreground_percentiles(x: torch.Tensor, lower: float, upper: float) -> tuple[float, float] | None:
+    """The ``(lower, upper)`` percentiles of the voxels > 0 of ``x`` (any shape); None when there are none."""
+    fg = x[x > 0]
+    if fg.numel() == 0:
+        return None
+    q = torch.quantile(fg.float(), torch.tensor([lower / 100, upper / 100], dtype=torch.float32))
+    return float(q[0]), float(q[1])
+
+
+def intensity_source_range(image: torch.Tensor, cfg: IntensityConfig) -> tuple[float, float] | None:
+    """The source intensities that :func:`intensity_transform` maps to 0 and 1 for this image.
+
+    ``image`` is the volume as the intensity transform receives it (after the geometry transforms).
+    Model intensity ``x`` in ``[0, 1]`` corresponds to ``lo + x * (hi - lo)`` of the source scale.
+
+    Returns:
+        ``(lo, hi)`` for the percentile method; None for z-scoring (no bounded inverse) or an empty image.
+    """
+    if cfg.method != "percentile":
+        return None
+    if cfg.within_foreground:
+        return foreground_percentiles(image, cfg.lower, cfg.upper)
+    flat = image.detach().float().reshape(-1).numpy()
+    if flat.size == 0:
+        return None
+    return float(np.percentile(flat, cfg.lower)), float(np.percentile(flat, cfg.upper))
 
 
 def intensity_transform(cfg: IntensityConfig) -> MapTransform:

@@ -149,8 +149,9 @@ class Stage:
         fan_out: The stage runs many independent items (Prefect runs it as a subflow fanning out
             items through the config's task runner; otherwise as one task with retries).
         progress_total: Steps for a progress bar (e.g. training steps), from the config.
-        cacheable: False for stages whose options make a run ad hoc (decided per run by
-            :meth:`is_managed`); such runs write no stamp.
+        managed: Whether a run with these options writes the pipeline's own outputs (cached and
+            stamped); an ad hoc run (e.g. into the user's folder) is neither.
+        in_pipeline: Part of ``medsynth run``; False for on-demand stages such as ``export``.
     """
 
     name: str
@@ -164,12 +165,13 @@ class Stage:
     cli: tuple[str, ...] | None = None
     options: type[BaseModel] | None = None
     register: str | None = None
-    inputs: Callable[[MedsynthConfig], str] | None = None
+    inputs: Callable[[MedsynthConfig], str | None] | None = None
     digest: Callable[[StageRun], str] | None = None
     enabled: Callable[[MedsynthConfig], bool] = lambda cfg: True
     fan_out: bool = False
     progress_total: Callable[[MedsynthConfig], int] | None = None
     managed: Callable[[BaseModel | None], bool] = lambda options: True
+    in_pipeline: bool = True
 
     @property
     def folder_name(self) -> str:

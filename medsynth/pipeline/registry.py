@@ -32,10 +32,14 @@ def get_stage(name: str) -> Stage:
         raise ConfigError("pipeline", f"unknown stage {name!r}", hint=f"known stages: {', '.join(STAGES)}") from None
 
 
-def stage_order() -> list[Stage]:
-    """Every declared stage in pipeline order (declaration order is a topological order)."""
+def stage_order(pipeline_only: bool = False) -> list[Stage]:
+    """Every declared stage in pipeline order (declaration order is a topological order).
+
+    Args:
+        pipeline_only: Leave out on-demand stages (``in_pipeline=False``, e.g. ``export``).
+    """
     _load_builtin()
-    return list(STAGES.values())
+    return [s for s in STAGES.values() if s.in_pipeline or not pipeline_only]
 
 
 def upstream_closure(name: str) -> list[Stage]:

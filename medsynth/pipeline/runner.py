@@ -122,7 +122,7 @@ def stale_stages(cfg: MedsynthConfig) -> list[str]:
     from medsynth.pipeline.registry import stage_order
 
     stale: list[str] = []
-    for stage in stage_order():
+    for stage in stage_order(pipeline_only=True):
         if not stage.enabled(cfg):
             continue
         if set(stage.after) & set(stale) or not is_up_to_date(cfg, stage.name):

@@ -51,6 +51,33 @@ def dataset_fingerprint(cfg: MedsynthConfig) -> str:
     return sha256_json(rows)
 
 
+def mask_source_fingerprint(cfg: MedsynthConfig) -> str | None:
+    """Digest of the mask files a folder/manifest synthesis source reads (None for the split source).
+
+    Paths, sizes and modification times of every file under the folder (or of the manifest and the
+    files it names), so edited masks re-run the synthesis stage.
+    """
+    sc = cfg.synthesis
+    if sc.source == "split" or not sc.masks_path:
+        return None
+    root = Path(sc.masks_path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    if root.is_file() and root.suffix.lower() == ".csv":
+        import csv
+
+        with open(root, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                for col in ("mask", "image"):
+                    if row.get(col):
+                        p = Path(row[col]) if Path(row[col]).is_absolute() else root.parent / row[col]
+                        files.append(p)
+    rows = []
+    for p in files:
+        st = p.stat() if p.exists() else None
+        rows.append([str(p), st.st_size if st else None, st.st_mtime_ns if st else None])
+    return sha256_json(rows)
+
+
 def _file_digest(*parts: str) -> Any:
     def digest(run: StageRun) -> str:
         return sha256_file(run.out.joinpath(*parts))
@@ -312,6 +339,8 @@ class SynthesizeOptions(BaseModel):
     """Replace an existing output folder."""
     model: str | None = None
     """Registered generator (models:/<name>/<version>) instead of the config's runs."""
+    model_grid: bool = False
+    """Write mask-file sources on the model's grid instead of each mask's own geometry."""
 
     def standalone(self) -> bool:
         """A registered generator needs no local training stages."""
@@ -330,6 +359,8 @@ class SynthesizeOptions(BaseModel):
                 extra.append(f"synthesis.{key}={value}")
         if self.edits:
             extra.append(f"synthesis.edits=[{self.edits}]")
+        if self.model_grid:
+            extra.append("synthesis.output_geometry=model")
         return extra
 
 
@@ -522,6 +553,49 @@ def run_experiment(run: StageRun) -> StageResult:
     )
 
 
+class ExportOptions(BaseModel):
+    """Options of ``medsynth export``."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    out: Path | None = None
+    """New dataset folder (required; never overwritten)."""
+    format: str = "nnunetv2"
+    """nnunetv2 | msd | folder."""
+    with_real: bool = False
+    """Add the real training cases of the preprocessing cache."""
+    native: bool = False
+    """Each case on its source mask's own grid and intensity scale."""
+    synthetic: Path | None = None
+    """Synthetic dataset to export (default: the pipeline's synthetic/ folder)."""
+
+    def standalone(self) -> bool:
+        """An explicit synthetic folder needs no pipeline stage to run first."""
+        return self.synthetic is not None
+
+
+def run_export(run: StageRun) -> StageResult:
+    """Export the augmented dataset (synthetic, optionally with the real cases) as nnU-Net v2, MSD or a folder."""
+    from medsynth.errors import ConfigError
+    from medsynth.synthesis.export import export_dataset
+
+    opts = run.options if isinstance(run.options, ExportOptions) else ExportOptions()
+    if opts.out is None:
+        raise ConfigError("command line", "export needs --out", hint="medsynth export -c CONFIG --out DIR")
+    summary = export_dataset(
+        run.cfg,
+        opts.out,
+        opts.format,
+        synthetic_dir=opts.synthetic or run.path("synthesize"),
+        cache_dir=run.path("preprocess"),
+        with_real=opts.with_real,
+        native=opts.native,
+    )
+    return StageResult(
+        metrics={"export/n_real": summary.n_real, "export/n_synthetic": summary.n_synthetic},
+        outputs={"dataset": str(opts.out)},
+    )
+
+
 class ReportOptions(BaseModel):
     """Options of the report stage (set by the pipeline)."""
 
@@ -686,6 +760,7 @@ register_stage(
         result=SynthesisResult,
         folder="synthetic",
         cli=("synthesize",),
+        inputs=mask_source_fingerprint,
         options=SynthesizeOptions,
         managed=lambda o: not (isinstance(o, SynthesizeOptions) and (o.out is not None or o.model is not None)),
         digest=_file_digest("manifest.json"),
@@ -717,6 +792,18 @@ register_stage(
         digest=_file_digest("summary.csv"),
         help="Downstream augmentation grid: a task model on limited real data, with and without synthetic data, "
         "over real-data fractions, synthetic ratios and seeds.",
+    )
+)
+register_stage(
+    Stage(
+        "export",
+        run_export,
+        after=("synthesize", "preprocess"),
+        cli=("export",),
+        options=ExportOptions,
+        managed=lambda o: False,  # the user's own folder: never cached, never overwritten
+        in_pipeline=False,
+        help="Export the augmented dataset (real + synthetic, provenance CSV) as nnU-Net v2, MSD or a folder.",
     )
 )
 register_stage(

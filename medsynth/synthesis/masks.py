@@ -2,9 +2,12 @@
 
 Every source returns :class:`MaskItem` objects whose masks are in the *cache's* label space (the
 vocabulary :func:`medsynth.data.preprocess.output_labels` gives: ``data.labels`` plus an enabled
-derived label) and at the model's image size. Masks read from files are not resampled: they must
-already have ``preprocess.spatial_size`` (e.g. masks exported from the cache, or drawn on a grid
-of that size); anything else is a :class:`~medsynth.errors.DataError` naming the file.
+derived label) and at the model's image size. Masks read from files (folder, manifest) may have
+any size, spacing, orientation and raw label values: they go through the training transforms
+(orientation, spacing, foreground crop, ``data.label_remap``, crop/pad; see
+:mod:`medsynth.synthesis.native`) and keep their own geometry (``MaskItem.native``) so synthetic
+output can be written back onto it. A config that derives a label from the image (e.g. LGG's
+'brain') needs that image (manifest ``image`` column) or a mask that already holds the label.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ import numpy as np
 import numpy.typing as npt
 
 from medsynth.config.schema import MedsynthConfig
-from medsynth.data.io import is_dicom_dir, is_image_file, read_image
-from medsynth.data.labels import remap_and_validate
+from medsynth.data.io import is_dicom_dir, is_image_file
 from medsynth.data.layouts import stem
 from medsynth.data.preprocess import output_labels
 from medsynth.errors import DataError
+from medsynth.synthesis.native import GridMask, NativeGeometry, mask_to_grid
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +47,15 @@ class MaskItem:
     Attributes:
         item_id: Unique id (cache item id, or the file stem; nested files are qualified by folder).
         mask: ``(1, *S)`` uint8 labels in the cache's label space.
-        affine: ``(D+1, D+1)`` RAS affine of the mask (voxel index → mm).
+        affine: ``(D+1, D+1)`` RAS affine of the mask on the model grid (voxel index → mm).
         patient_id: Patient of the mask when known (cache split, manifest ``patient`` column), else None.
         source: Where it came from, for the manifest (e.g. ``"cache:<dir>:test"``, ``"file:<path>"``).
         image: ``(1, *S)`` float32 real image of the mask when known (cache split), else None.
         intensity_range: Per-mask ``(lo, hi)`` of the source intensities (manifest columns
             ``intensity_lo``/``intensity_hi``), else None.
+        native: Geometry of the source mask file (folder/manifest sources), which native output goes back to.
+        source_range: ``(lo, hi)`` source intensities that the given image's normalisation mapped to 0 and 1
+            (manifest ``image`` column, percentile scaling), else None.
     """
 
     item_id: str
@@ -59,6 +65,8 @@ class MaskItem:
     source: str
     image: npt.NDArray[np.float32] | None = None
     intensity_range: tuple[float, float] | None = None
+    native: NativeGeometry | None = None
+    source_range: tuple[float, float] | None = None
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -109,37 +117,9 @@ def masks_from_split(cache_dir: str | Path, split: str | None, max_masks: int | 
     ]
 
 
-def _read_mask(path: Path, cfg: MedsynthConfig, labels: dict[int, str]) -> tuple[npt.NDArray[np.uint8], np.ndarray]:
-    """Read one mask file, remap/validate it and check it fits the model's image size."""
-    pc = cfg.preprocess
-    img = read_image(path, kind="mask", channel=cfg.data.channel)
-    if img.ndim != pc.spatial_dims:
-        raise DataError(
-            path,
-            f"mask is {img.ndim}D {tuple(img.array.shape)} but the model is {pc.spatial_dims}D "
-            f"(preprocess.spatial_dims={pc.spatial_dims})",
-            hint=f"give {pc.spatial_dims}D mask files",
-        )
-    expected = tuple(pc.spatial_size)
-    if tuple(img.array.shape) != expected:
-        raise DataError(
-            path,
-            f"mask size {tuple(img.array.shape)} does not match the model's image size {expected} "
-            "(preprocess.spatial_size)",
-            hint="resample and pad/crop the mask to that size first (masks are not resampled at synthesis)",
-        )
-    vocab_cfg = cfg.data.model_copy(update={"labels": labels})
-    remapped = remap_and_validate(img.array, vocab_cfg, path)
-    dl = pc.derived_label
-    if dl.enabled and not np.any(remapped == dl.index):
-        log.warning(
-            "%s: mask has no %r label (index %d), which the generator was conditioned on; expect anatomy "
-            "drawn without that guidance",
-            path,
-            dl.name,
-            dl.index,
-        )
-    return remapped.astype(np.uint8)[None], img.affine
+def _read_mask(path: Path, cfg: MedsynthConfig, labels: dict[int, str], image: Path | None = None) -> GridMask:
+    """Read one mask file (and its image) and bring it onto the model grid as training does."""
+    return mask_to_grid(path, cfg, labels, image)
 
 
 def _check_vocabulary_fits(labels: dict[int, str]) -> None:
@@ -161,15 +141,15 @@ def masks_from_folder(folder: str | Path, cfg: MedsynthConfig, max_masks: int | 
 
     Args:
         folder: The folder.
-        cfg: Config giving the vocabulary, the remapping and the model's image size.
+        cfg: Config giving the vocabulary, the remapping and the preprocessing transforms.
         max_masks: Keep only the first N files.
 
     Returns:
         One :class:`MaskItem` per file, ``patient_id`` None, id = file stem (qualified by sub-folder).
 
     Raises:
-        DataError: Missing/empty folder, unreadable file, wrong dimensionality or size, labels outside
-            the vocabulary.
+        DataError: Missing/empty folder, unreadable file, wrong dimensionality, labels outside
+            the vocabulary, a derived label the config needs but the mask lacks.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -188,8 +168,8 @@ def masks_from_folder(folder: str | Path, cfg: MedsynthConfig, max_masks: int | 
         raise DataError(root, "masks folder holds no image files")
     items: list[MaskItem] = []
     for p in entries[: max_masks or len(entries)]:
-        mask, affine = _read_mask(p, cfg, labels)
-        items.append(MaskItem(_qualified_id(p, root), mask, affine, None, f"file:{p}"))
+        g = _read_mask(p, cfg, labels)
+        items.append(MaskItem(_qualified_id(p, root), g.mask, g.affine, None, f"file:{p}", native=g.native))
     _check_unique(items, root)
     return items
 
@@ -207,13 +187,14 @@ def _float_or_none(row: dict[str, str], key: str, path: Path, line: int) -> floa
 def masks_from_manifest(csv_path: str | Path, cfg: MedsynthConfig, max_masks: int | None = None) -> list[MaskItem]:
     """Masks listed in a CSV manifest.
 
-    Columns: ``mask`` (required; path relative to the CSV's folder), and optionally ``id`` (default:
-    the file stem), ``patient``, and ``intensity_lo`` + ``intensity_hi`` (the source intensity
-    range the synthetic image of this mask is mapped back to).
+    Columns: ``mask`` (required; path relative to the CSV's folder), and optionally ``image`` (the
+    mask's image on the same grid: a derived label is computed from it as in training, and its
+    intensity scale is recorded), ``id`` (default: the file stem), ``patient``, and ``intensity_lo`` +
+    ``intensity_hi`` (the source intensity range the synthetic image of this mask is mapped back to).
 
     Args:
         csv_path: The manifest.
-        cfg: Config giving the vocabulary, the remapping and the model's image size.
+        cfg: Config giving the vocabulary, the remapping and the preprocessing transforms.
         max_masks: Keep only the first N rows.
 
     Returns:
@@ -240,7 +221,8 @@ def masks_from_manifest(csv_path: str | Path, cfg: MedsynthConfig, max_masks: in
             if not (row.get("mask") or "").strip():
                 raise DataError(path, f"line {line}: empty 'mask' column")
             mpath = (path.parent / row["mask"].strip()).resolve()
-            mask, affine = _read_mask(mpath, cfg, labels)
+            ipath = (path.parent / row["image"].strip()).resolve() if (row.get("image") or "").strip() else None
+            g = _read_mask(mpath, cfg, labels, ipath)
             lo = _float_or_none(row, "intensity_lo", path, line)
             hi = _float_or_none(row, "intensity_hi", path, line)
             if (lo is None) != (hi is None) or (lo is not None and hi is not None and not lo < hi):
@@ -248,7 +230,19 @@ def masks_from_manifest(csv_path: str | Path, cfg: MedsynthConfig, max_masks: in
             rng = (lo, hi) if lo is not None and hi is not None else None
             item_id = (row.get("id") or "").strip() or stem(mpath)
             patient = (row.get("patient") or "").strip() or None
-            items.append(MaskItem(item_id, mask, affine, patient, f"manifest:{path}:{line}", None, rng))
+            items.append(
+                MaskItem(
+                    item_id,
+                    g.mask,
+                    g.affine,
+                    patient,
+                    f"manifest:{path}:{line}",
+                    g.image,
+                    rng,
+                    native=g.native,
+                    source_range=g.source_range,
+                )
+            )
     if not items:
         raise DataError(path, "masks manifest lists no masks")
     _check_unique(items, path)

@@ -197,6 +197,24 @@ def _intensity(cfg: MedsynthConfig, item: MaskItem) -> tuple[float, float] | Non
     return rng
 
 
+def _output_geometry(
+    cfg: MedsynthConfig, job: _Job, image: npt.NDArray[np.float32]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.float64], dict[str, Any]]:
+    """The image/mask/affine to write for a job (native or model grid) and the manifest's geometry fields."""
+    item = job.item
+    fields: dict[str, Any] = {
+        "model_grid": {"shape": list(item.spatial_shape), "affine": np.asarray(item.affine).tolist()},
+        "native_geometry": item.native.to_json() if item.native is not None else None,
+        "source_intensity_range": list(item.source_range) if item.source_range is not None else None,
+    }
+    if item.native is None or cfg.synthesis.output_geometry == "model":
+        return image, job.mask, item.affine, {**fields, "geometry": "model"}
+    from medsynth.synthesis.native import to_native
+
+    native_image, native_mask = to_native(image, job.mask, item.affine, item.native)
+    return native_image, native_mask, item.native.affine, {**fields, "geometry": "native"}
+
+
 def _grid_row(job: _Job, image: npt.NDArray[np.float32]) -> list[npt.NDArray[Any]]:
     from medsynth import viz
 
@@ -299,12 +317,13 @@ def synthesize(
                     continue
                 if _not_applied(job.edit):
                     not_applied.add((job.mask_index, job.edit_index))
+                out_image, out_mask, out_affine, geometry = _output_geometry(cfg, job, image)
                 writer.add(
                     SyntheticItem(
                         item_id=job.item_id,
-                        image=image,
-                        mask=job.mask,
-                        affine=job.item.affine,
+                        image=out_image,
+                        mask=out_mask,
+                        affine=out_affine,
                         source_id=job.item.item_id,
                         source_patient=job.item.patient_id,
                         edit=job.edit,
@@ -315,6 +334,7 @@ def synthesize(
                             "image_seed": job.seed,
                             "k": job.k,
                             "batch": {"index": n_done // batch_size, "position": pos, "size": len(batch)},
+                            **geometry,
                         },
                     )
                 )

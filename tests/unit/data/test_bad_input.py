@@ -281,8 +281,11 @@ def test_cli_main_bad_data_exit_code_2(
     mask[0, 0, 0] = 7
     write_image(mask_path, mask, synth.affine_3d)
     path = synth.yaml(synth.raw(dataset))
-    cache = tmp_path / "cli-cache"
-    monkeypatch.setattr(sys, "argv", ["medsynth", "preprocess", "-c", str(path), "--cache-dir", str(cache)])
+    from medsynth.config import load_config
+
+    cfg = load_config(path, ["tracking.enabled=false"])
+    cache = Path(cfg.output_dir) / cfg.name / "preprocess"
+    monkeypatch.setattr(sys, "argv", ["medsynth", "preprocess", "-c", str(path), "--set", "tracking.enabled=false"])
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code == 2
