@@ -234,7 +234,13 @@ def run_latents(run: StageRun) -> StageResult:
             if split == "train":
                 raise
             log.info("no validation split: the UNet/ControlNet validate on training latents")
-    return StageResult(outputs=files)
+    import json
+
+    metrics = {}
+    for split in files:
+        meta = json.loads((run.out / f"{split}.json").read_text(encoding="utf-8"))
+        metrics[f"latents/n_{split}"] = float(meta.get("n", 0))
+    return StageResult(outputs=files, metrics=metrics)
 
 
 def _latents_digest(run: StageRun) -> str:
@@ -282,7 +288,13 @@ def run_generator(run: StageRun) -> StageResult:
 
     runs = {s: run.path(s) for s in ("autoencoder", "unet", "controlnet")}
     bundle = export_bundle(run.cfg, runs, run.out / "bundle")
-    return StageResult(outputs={"bundle": str(bundle)}, model=str(bundle))
+    weights = list(bundle.rglob("*.safetensors"))
+    size_mb = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 2**20
+    return StageResult(
+        outputs={"bundle": str(bundle)},
+        model=str(bundle),
+        metrics={"generator/weight_files": float(len(weights)), "generator/size_mb": size_mb},
+    )
 
 
 def _bundle_digest(run: StageRun) -> str:
