@@ -49,6 +49,8 @@ def _echo_outcome(outcome: Any) -> None:
         return
     state = "up to date (cached)" if outcome.cached else "done"
     typer.echo(f"{outcome.stage}: {state}")
+    if res.message:
+        typer.echo(res.message)
     for k, v in res.metrics.items():
         typer.echo(f"  {k} = {v:.4g}")
     for k, v in res.outputs.items():

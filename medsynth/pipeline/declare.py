@@ -32,6 +32,7 @@ class StageResult(BaseModel):
         step: The step the metrics belong to (a training stage's last step), so a cached run shows
             them exactly as the run that computed them.
         headline: The few numbers the pipeline's parent run carries (to compare pipelines side by side).
+        message: One human line summarising the outcome (printed by the CLI).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -42,6 +43,7 @@ class StageResult(BaseModel):
     artifacts: dict[str, list[str]] = {}
     step: int | None = None
     headline: dict[str, float] = {}
+    message: str = ""
 
 
 class FanOut(Protocol):

@@ -179,6 +179,8 @@ def run_preprocess(run: StageRun) -> StageResult:
         outputs={"cache_dir": str(s.cache_dir), "manifest": str(s.manifest)},
         artifacts={"preprocess": [str(s.cache_dir / "splits.json")]},
         datasets=[run_ds],
+        message=f"{s.n_cases} cases ({s.n_processed} processed, {s.n_cached} cached, {len(s.excluded)} excluded) -> "
+        f"{s.n_items} items in {s.cache_dir} [{s.seconds:.1f}s]",
     )
 
 
