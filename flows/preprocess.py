@@ -82,7 +82,8 @@ def preprocess_flow(
         log.info("%s; %d cases, %d to process", plan.discovery_message, len(plan.work), len(todo))
         staging = pp.staging_dir(plan.cache_dir)
         chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
-        futures = [process_chunk_task.submit(cfg_json, c, str(staging)) for c in chunks]
+        planned_json = plan.cfg.model_dump(mode="json")  # labels resolved from the data (issue 13)
+        futures = [process_chunk_task.submit(planned_json, c, str(staging)) for c in chunks]
         results = [r for f in futures for r in f.result()]
         s = pp.commit(plan, results, staging)
         manifest = pp.load_manifest(s.cache_dir)

@@ -102,6 +102,9 @@ def data_check(
     with progress_for(n, "checking") as prog:
         report = run_check(cfg, out_dir, prog)
     typer.echo(f"{report.n_cases} cases, {report.n_bad} bad; report: {out_dir / REPORT_MD}")
+    if report.labels is not None:
+        names = ", ".join(f"{k}={v}" for k, v in sorted(report.labels.items()))
+        typer.echo(f"labels: {names} ({report.labels_detail})")
     enforce_policy(report)
 
 

@@ -34,8 +34,10 @@ from medsynth.config.loader import save_resolved
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.cases import Case, assign_splits, split_summary, splits_json
 from medsynth.data.derived import foreground_label, merge_derived
+from medsynth.data.labels import problem_hint
 from medsynth.data.layouts import discover
 from medsynth.data.qc import load_and_check
+from medsynth.data.vocabulary import Vocabulary, resolve_labels
 from medsynth.data.transforms import IMAGE, MASK, pad_crop_transform, to_meta, volume_pipeline
 from medsynth.errors import DataError
 from medsynth.fileio import sha256_file, sha256_json, write_atomic, write_json_atomic
@@ -82,6 +84,7 @@ class PreprocessPlan:
     discovery_message: str
     work: list[CaseWork]
     labels: dict[int, str]
+    vocabulary: Vocabulary | None = None
 
     @property
     def todo(self) -> list[CaseWork]:
@@ -96,7 +99,9 @@ def cache_dir_for(cfg: MedsynthConfig) -> Path:
 
 def output_labels(cfg: MedsynthConfig) -> dict[int, str]:
     """The label vocabulary of the cache: the data labels plus an enabled derived label."""
-    labels = dict(cfg.data.labels)
+    from medsynth.data.vocabulary import data_labels
+
+    labels = data_labels(cfg)
     dl = cfg.preprocess.derived_label
     if dl.enabled:
         if dl.index in labels:
@@ -144,6 +149,7 @@ def plan(cfg: MedsynthConfig, cache_dir: Path | None = None) -> PreprocessPlan:
         The plan; ``plan.todo`` lists the cases without a valid cache entry.
     """
     cache = Path(cache_dir) if cache_dir is not None else cache_dir_for(cfg)
+    cfg, vocab = resolve_labels(cfg)
     labels = output_labels(cfg)
     disc = discover(cfg.data)
     cases = assign_splits(disc.cases, cfg.data.split)
@@ -169,7 +175,7 @@ def plan(cfg: MedsynthConfig, cache_dir: Path | None = None) -> PreprocessPlan:
             files_ok = all((cache / it["file"]).is_file() for it in old.get("items", []))
             cached = old if files_ok else None
         work.append(CaseWork(case, key, inputs, cached))
-    return PreprocessPlan(cfg, cache, disc.message, work, labels)
+    return PreprocessPlan(cfg, cache, disc.message, work, labels, vocab)
 
 
 def _slice_affine(affine: npt.NDArray[np.float64], axis: int, index: int) -> npt.NDArray[np.float64]:
@@ -364,7 +370,7 @@ def commit(
         raise DataError(
             first["file"],
             first["message"] + more,
-            hint="fix the data, or set qc.policy=exclude to drop bad cases and list them",
+            hint=problem_hint(str(first.get("code", ""))),
         )
     (cache / "cases").mkdir(parents=True, exist_ok=True)
     for r in new.values():
@@ -389,6 +395,8 @@ def commit(
             "digest": sha256_json(sorted(w.key for w in plan_.work)),
         },
         "labels": {str(k): v for k, v in plan_.labels.items()},
+        "data_labels": {str(k): v for k, v in sorted(cfg.data.labels.items())},
+        "labels_source": plan_.vocabulary.to_json() if plan_.vocabulary else None,
         "spatial_dims": cfg.preprocess.spatial_dims,
         "splits": split_summary(cases),
         "n_items": len(items),
@@ -434,7 +442,7 @@ def run_preprocess(
     try:
         results = []
         for w in p.todo:
-            results.append(process_case(w, cfg, staging))
+            results.append(process_case(w, p.cfg, staging))
             prog.advance(1, w.case.case_id)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

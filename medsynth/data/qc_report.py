@@ -12,7 +12,9 @@ import numpy as np
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.cases import assign_splits, split_summary
 from medsynth.data.layouts import discover
+from medsynth.data.labels import problem_hint
 from medsynth.data.qc import CaseQC, load_and_check
+from medsynth.data.vocabulary import Vocabulary, resolve_labels
 from medsynth.errors import DataError
 from medsynth.fileio import write_json_atomic, write_text_atomic
 from medsynth.progress import NullProgress, Progress
@@ -29,6 +31,8 @@ class QCReport:
     n_cases: int
     bad: list[CaseQC]
     policy: str
+    labels: dict[int, str] | None = None
+    labels_detail: str = ""
 
     @property
     def n_bad(self) -> int:
@@ -36,13 +40,17 @@ class QCReport:
         return len(self.bad)
 
 
-def _summary_md(cfg: MedsynthConfig, message: str, qcs: list[CaseQC], splits: dict[str, Any]) -> str:
+def _summary_md(
+    cfg: MedsynthConfig, message: str, qcs: list[CaseQC], splits: dict[str, Any], vocab: Vocabulary
+) -> str:
     bad = [q for q in qcs if not q.ok]
     codes = Counter(code for q in bad for code, _, _ in q.problems)
     label_totals: Counter[int] = Counter()
+    label_cases: Counter[int] = Counter()
     for q in qcs:
         for k, v in q.info.get("label_counts", {}).items():
             label_totals[int(k)] += v
+            label_cases[int(k)] += 1 if v else 0
     shapes = Counter(tuple(q.info.get("shape", [])) for q in qcs)
     lines = [
         f"# QC report: {cfg.name}",
@@ -55,9 +63,14 @@ def _summary_md(cfg: MedsynthConfig, message: str, qcs: list[CaseQC], splits: di
         "",
         "## Labels (voxels over all cases)",
         "",
-        "| index | name | voxels |",
-        "|---|---|---|",
-        *[f"| {k} | {cfg.data.labels.get(k, '?')} | {label_totals[k]} |" for k in sorted(label_totals)],
+        f"Vocabulary: {vocab.detail}.",
+        "",
+        "| index | name | voxels | cases |",
+        "|---|---|---|---|",
+        *[
+            f"| {k} | {cfg.data.labels.get(k, '?')} | {label_totals[k]} | {label_cases[k]} |"
+            for k in sorted(set(label_totals) | set(cfg.data.labels))
+        ],
     ]
     if bad:
         lines += [
@@ -92,6 +105,7 @@ def run_check(cfg: MedsynthConfig, out_dir: str | Path, progress: Progress | Non
         A :class:`QCReport`; the caller decides what a bad case means (``cfg.qc.policy``).
     """
     out = Path(out_dir)
+    cfg, vocab = resolve_labels(cfg)
     disc = discover(cfg.data)
     cases = assign_splits(disc.cases, cfg.data.split)
     prog = progress or NullProgress()
@@ -117,10 +131,11 @@ def run_check(cfg: MedsynthConfig, out_dir: str | Path, progress: Progress | Non
         "n_bad": sum(not q.ok for q in qcs),
         "splits": splits,
         "labels": {str(k): v for k, v in cfg.data.labels.items()},
+        "labels_source": vocab.to_json(),
         "cases": [q.to_json() for q in qcs],
     }
     write_json_atomic(out / REPORT_JSON, report)
-    write_text_atomic(out / REPORT_MD, _summary_md(cfg, disc.message, qcs, splits))
+    write_text_atomic(out / REPORT_MD, _summary_md(cfg, disc.message, qcs, splits, vocab))
     if panels:
         panels.sort(key=lambda p: p[0].ok)
         panels = panels[:n_show]
@@ -133,7 +148,7 @@ def run_check(cfg: MedsynthConfig, out_dir: str | Path, progress: Progress | Non
             titles.append(" | ".join(("BAD " if not q.ok else "") + q.case.case_id[-18:] for q, _, _ in row))
         save_grid(out / OVERLAYS, grid_rows, col_titles=None, cell_inches=2.2)
         write_text_atomic(out / "qc_overlays.txt", "\n".join(titles) + "\n")
-    return QCReport(out, len(qcs), [q for q in qcs if not q.ok], cfg.qc.policy)
+    return QCReport(out, len(qcs), [q for q in qcs if not q.ok], cfg.qc.policy, dict(cfg.data.labels), vocab.detail)
 
 
 def enforce_policy(report: QCReport) -> None:
@@ -143,5 +158,5 @@ def enforce_policy(report: QCReport) -> None:
         raise DataError(
             first.path,
             f"{first.problem} ({report.n_bad} bad cases in total; see {report.out_dir / REPORT_MD})",
-            hint="fix the data, or set qc.policy=exclude to drop bad cases and list them",
+            hint=problem_hint(report.bad[0].problems[0][0]),
         )

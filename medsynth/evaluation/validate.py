@@ -52,9 +52,10 @@ def lesion_label(cfg: MedsynthConfig) -> int:
     use (:func:`medsynth.synthesis.edits.default_lesion_label`); a vocabulary without such a name
     (e.g. hippocampus) gives its highest data label.
     """
+    from medsynth.data.vocabulary import data_labels
     from medsynth.synthesis.edits import LESION_NAME, default_lesion_label
 
-    labels = {int(k): str(v) for k, v in cfg.data.labels.items()}
+    labels = {int(k): str(v) for k, v in data_labels(cfg).items()}
     configured = cfg.synthesis.lesion_label
     if configured is None and not any(k and LESION_NAME.search(v) for k, v in labels.items()):
         return max(labels)
