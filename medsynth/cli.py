@@ -101,7 +101,8 @@ def data_check(
     n = len(discover(cfg.data).cases)
     with progress_for(n, "checking") as prog:
         report = run_check(cfg, out_dir, prog)
-    typer.echo(f"{report.n_cases} cases, {report.n_bad} bad; report: {out_dir / REPORT_MD}")
+    orphans = f", {len(report.orphan_masks)} masks without an image" if report.orphan_masks else ""
+    typer.echo(f"{report.n_cases} cases, {report.n_bad} bad{orphans}; report: {out_dir / REPORT_MD}")
     if report.labels is not None:
         names = ", ".join(f"{k}={v}" for k, v in sorted(report.labels.items()))
         typer.echo(f"labels: {names} ({report.labels_detail})")

@@ -85,6 +85,7 @@ class PreprocessPlan:
     work: list[CaseWork]
     labels: dict[int, str]
     vocabulary: Vocabulary | None = None
+    orphan_masks: list[Path] = field(default_factory=list)
 
     @property
     def todo(self) -> list[CaseWork]:
@@ -152,6 +153,10 @@ def plan(cfg: MedsynthConfig, cache_dir: Path | None = None) -> PreprocessPlan:
     cfg, vocab = resolve_labels(cfg)
     labels = output_labels(cfg)
     disc = discover(cfg.data)
+    if disc.orphan_masks and cfg.qc.policy == "fail":
+        from medsynth.data.qc_report import orphan_error
+
+        raise orphan_error(disc.orphan_masks, "run `medsynth data check` for the list")
     cases = assign_splits(disc.cases, cfg.data.split)
     relevant = sha256_json(_relevant_config(cfg))
     work: list[CaseWork] = []
@@ -175,7 +180,7 @@ def plan(cfg: MedsynthConfig, cache_dir: Path | None = None) -> PreprocessPlan:
             files_ok = all((cache / it["file"]).is_file() for it in old.get("items", []))
             cached = old if files_ok else None
         work.append(CaseWork(case, key, inputs, cached))
-    return PreprocessPlan(cfg, cache, disc.message, work, labels, vocab)
+    return PreprocessPlan(cfg, cache, disc.message, work, labels, vocab, list(disc.orphan_masks))
 
 
 def _slice_affine(affine: npt.NDArray[np.float64], axis: int, index: int) -> npt.NDArray[np.float64]:
@@ -402,6 +407,7 @@ def commit(
         "n_items": len(items),
         "items": items,
         "excluded": excluded,
+        "orphan_masks": [str(p) for p in plan_.orphan_masks],
     }
     write_json_atomic(cache / "splits.json", splits_json(cases))
     save_resolved(cfg, cache)
