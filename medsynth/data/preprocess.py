@@ -37,8 +37,8 @@ from medsynth.data.derived import foreground_label, merge_derived
 from medsynth.data.labels import problem_hint
 from medsynth.data.layouts import discover
 from medsynth.data.qc import load_and_check
-from medsynth.data.vocabulary import Vocabulary, resolve_labels
 from medsynth.data.transforms import IMAGE, MASK, pad_crop_transform, to_meta, volume_pipeline
+from medsynth.data.vocabulary import Vocabulary, resolve_labels
 from medsynth.errors import DataError
 from medsynth.fileio import sha256_file, sha256_json, write_atomic, write_json_atomic
 from medsynth.progress import NullProgress, Progress

@@ -11,8 +11,8 @@ import numpy as np
 
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.cases import assign_splits, split_summary
-from medsynth.data.layouts import discover
 from medsynth.data.labels import problem_hint
+from medsynth.data.layouts import discover
 from medsynth.data.qc import CaseQC, load_and_check
 from medsynth.data.vocabulary import Vocabulary, resolve_labels
 from medsynth.errors import DataError

@@ -35,7 +35,6 @@ MAX_INFERRED_LABEL = 63
 DATASET_JSON = "dataset.json"
 
 
-
 @dataclass(frozen=True)
 class Vocabulary:
     """A resolved label vocabulary.

@@ -51,9 +51,7 @@ def test_csv_with_identical_file_names_per_case_folder(synth, tmp_path: Path) ->
 
 def test_csv_collisions_are_qualified_by_patient_when_given(synth, tmp_path: Path) -> None:
     root = _brats(synth, tmp_path / "brats", n=2)
-    rows = [
-        {"image": f"case_{i}/flair.nii.gz", "mask": f"case_{i}/seg.nii.gz", "patient": f"P{i}"} for i in range(2)
-    ]
+    rows = [{"image": f"case_{i}/flair.nii.gz", "mask": f"case_{i}/seg.nii.gz", "patient": f"P{i}"} for i in range(2)]
     d = discover(_cfg(_write_csv(root / "m.csv", rows)))
     assert [(c.case_id, c.patient_id) for c in d.cases] == [("P0__flair", "P0"), ("P1__flair", "P1")]
 
