@@ -150,3 +150,40 @@ def test_plan_on_shared_datasets(require_shared, name: str, tmp_path: Path) -> N
         assert cfg.preprocess.spatial_dims == (3 if name == "msd-hippocampus" else 2)  # type: ignore[attr-defined]
     if name == "lgg-flair":
         assert cfg.data.label_remap == {255: 1}  # type: ignore[attr-defined]
+
+
+def test_plan_from_a_csv_manifest_of_brats_style_folders(synth, tmp_path: Path) -> None:
+    root = tmp_path / "brats"
+    rows = ["image,mask"]
+    for i in range(4):
+        img, msk = synth.volume(i)
+        write_image(root / f"case_{i}" / "flair.nii.gz", img, synth.affine_3d)
+        write_image(root / f"case_{i}" / "seg.nii.gz", msk, synth.affine_3d)
+        rows.append(f"case_{i}/flair.nii.gz,case_{i}/seg.nii.gz")
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    fp = fingerprint(DataConfig(root=str(manifest)))
+    assert fp["layout"]["name"] == "csv" and fp["n_cases"] == 4
+    assert {r["case_id"] for r in fp["cases"]} == {f"case_{i}__flair" for i in range(4)}
+    plan = plan_config(fp, "cpu")
+    assert plan.raw["name"] == "manifest"
+    _validates(plan.yaml_text, tmp_path)
+
+
+def test_fingerprint_counts_channels_of_4d_nifti(synth, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    root = tmp_path / "mc"
+    for i in range(3):
+        img, msk = synth.volume(i)
+        four = np.stack([img, img * 2], axis=-1)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(four, synth.affine_3d), str(root / "images" / f"v{i}.nii.gz"))
+        write_image(root / "labels" / f"v{i}.nii.gz", msk, synth.affine_3d)
+    fp = fingerprint(DataConfig(root=str(root)))
+    assert fp["channels"] == 2 and fp["ndim"] == 3
+    assert any("2 channels per case" in p for p in fp["problems"])
+    plan = plan_config(fp, "cpu")
+    assert plan.raw["data"]["channel"] == 0
+    assert any("channel 0 only" in w for w in plan.warnings)
+    _validates(plan.yaml_text, tmp_path)
