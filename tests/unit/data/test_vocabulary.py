@@ -114,3 +114,33 @@ def test_non_label_masks_are_one_clear_error(synth, tmp_path: Path) -> None:
         infer_vocabulary(cfg.data)
     assert "cannot infer a label vocabulary" in info.value.problem
     assert "data.labels" in info.value.hint
+
+
+def test_csv_manifest_of_mixed_formats_infers_labels(synth, tmp_path: Path) -> None:
+    root = tmp_path / "mixed"
+    rows = ["image,mask"]
+    for i, ext in enumerate((".nii.gz", ".nrrd", ".mha")):
+        img, msk = synth.volume(i)
+        write_image(root / f"img{i}{ext}", img, synth.affine_3d)
+        write_image(root / f"seg{i}{ext}", msk, synth.affine_3d)
+        rows.append(f"img{i}{ext},seg{i}{ext}")
+    (root / "m.csv").write_text("\n".join(rows) + "\n")
+    raw = {"name": "mixed", "output_dir": str(tmp_path / "out"), "data": {"root": str(root / "m.csv")}}
+    report = run_check(synth.config(raw), tmp_path / "qc")
+    assert report.n_bad == 0 and report.labels == {0: "background", 1: "label_1", 2: "label_2"}
+
+
+def test_cli_data_check_on_shared_hippocampus_with_no_options(
+    require_shared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from medsynth.cli import main
+
+    root = require_shared("msd-hippocampus")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["medsynth", "data", "check", str(root), "--out", str(tmp_path / "qc")])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "220 cases, 0 bad" in out
+    assert "labels: 0=background, 1=label_1, 2=label_2" in out
