@@ -93,7 +93,7 @@ def _round_up(n: float, mult: int) -> int:
 
 def _factor(preset: dict[str, Any]) -> int:
     """Total downsampling of autoencoder x UNet: the grid size must be a multiple of it."""
-    return 2 ** (len(preset["ae"]["channels"]) - 1) * 2 ** (len(preset["unet"]["channels"]) - 1)
+    return int(2 ** (len(preset["ae"]["channels"]) - 1) * 2 ** (len(preset["unet"]["channels"]) - 1))
 
 
 def plan_grid(fp: dict[str, Any], preset: dict[str, Any], dims: int) -> tuple[list[float], list[int], str]:
@@ -131,7 +131,7 @@ def _cost(kind: str, dims: int, channels: list[int], device: str) -> float:
     }[kind]
     width = sum(c * c for c in channels) / sum(c * c for c in ref)
     kernel = (3**dims) / 27
-    return base * width * kernel / (_GPU_SPEEDUP if device == "cuda" else 1.0)
+    return float(base * width * kernel / (_GPU_SPEEDUP if device == "cuda" else 1.0))
 
 
 def _batch(voxels: int, channels: list[int], memory_gib: float, cap: int) -> int:

@@ -172,8 +172,8 @@ def _paired(cfg: DataConfig, root: Path) -> tuple[list[Case], list[Path]]:
         images = entries
         masks = {(p.parent.relative_to(masks_root), stem(p)): p for p in _image_entries(masks_root)}
     by_stem: dict[str, list[tuple[Path, str]]] = {}
-    for key in masks:
-        by_stem.setdefault(key[1], []).append(key)
+    for mkey in masks:
+        by_stem.setdefault(mkey[1], []).append(mkey)
     rels = [img.relative_to(images_root) for img in images]
     ids = unique_ids([stem(img) for img in images], [list(r.parent.parts) for r in rels])
     cases: list[Case] = []
