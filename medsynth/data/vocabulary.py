@@ -62,8 +62,12 @@ class Vocabulary:
 
 
 def labels_declared(data: DataConfig) -> bool:
-    """True when ``data.labels`` was given explicitly (config file, override or CLI), not defaulted."""
-    return "labels" in data.model_fields_set
+    """True when ``data.labels`` holds a vocabulary (config file, override, CLI, or already resolved).
+
+    An empty vocabulary (the default) means "resolve it from the data"; unlike a "was it set" flag it
+    survives the JSON round trips of configs between stages and Prefect tasks.
+    """
+    return bool(data.labels)
 
 
 def dataset_json_path(data: DataConfig) -> Path:

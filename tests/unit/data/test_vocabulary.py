@@ -144,3 +144,12 @@ def test_cli_data_check_on_shared_hippocampus_with_no_options(
     out = capsys.readouterr().out
     assert "220 cases, 0 bad" in out
     assert "labels: 0=background, 1=label_1, 2=label_2" in out
+
+
+def test_undeclared_labels_survive_a_json_round_trip(synth, tmp_path: Path) -> None:
+    """Stages and Prefect tasks pass configs as JSON: "resolve from the data" must not become a default vocabulary."""
+    root = synth.paired_dirs(n=2)
+    cfg = synth.config(_raw_undeclared(synth, root))
+    again = synth.config(cfg.model_dump(mode="json"))
+    assert not labels_declared(again.data)
+    assert infer_vocabulary(again.data).labels == {0: "background", 1: "label_1", 2: "label_2"}
