@@ -187,3 +187,34 @@ def test_fingerprint_counts_channels_of_4d_nifti(synth, tmp_path: Path) -> None:
     assert plan.raw["data"]["channel"] == 0
     assert any("channel 0 only" in w for w in plan.warnings)
     _validates(plan.yaml_text, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["plan", "{tmp}/missing"], "{tmp}/missing: dataset root does not exist"),
+        (["data", "check", "{bad}"], "cannot infer a label vocabulary"),
+    ],
+)
+def test_cli_bad_input_is_one_error_line(
+    synth,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    expected: str,
+) -> None:
+    bad = synth.paired_dirs(n=2)
+    img, _ = synth.volume(0)
+    write_image(bad / "labels" / "vol_1.nii.gz", (img * 3).astype(np.int16), synth.affine_3d)  # not a label map
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(tmp=tmp_path, bad=bad) for a in argv]
+    monkeypatch.setattr("sys.argv", ["medsynth", *args, "--out", str(tmp_path / "out" / "x.yaml")])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and expected.format(tmp=tmp_path) in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "x.yaml").exists()
