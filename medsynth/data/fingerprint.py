@@ -64,7 +64,13 @@ def _channels(case: Case, data: DataConfig) -> int:
 
 
 def _nnunet_channels(root: Path) -> int:
-    """Number of ``_0000``, ``_0001``... files per case in an nnU-Net ``imagesTr/`` (1 when not used)."""
+    """Channels given as files: nnU-Net ``imagesTr/X_0000``, ``X_0001``... or CSV ``image_0``, ``image_1``..."""
+    if root.is_file() and root.suffix.lower() == ".csv":
+        import csv
+
+        with open(root, newline="", encoding="utf-8") as fh:
+            cols = next(csv.reader(fh), [])
+        return max(1, sum(1 for c in cols if re.fullmatch(r"image_\d+", c)))
     folder = root / "imagesTr"
     if not folder.is_dir():
         return 1

@@ -192,6 +192,23 @@ def _paired(cfg: DataConfig, root: Path) -> tuple[list[Case], list[Path]]:
     return cases, orphans
 
 
+def csv_image_column(cols: set[str], channel: int | None, path: Path) -> str:
+    """The image column of a manifest: ``image``, or ``image_<k>`` of a multi-contrast manifest.
+
+    Multi-contrast manifests (``image_0``, ``image_1``, ...) are read one channel at a time, like
+    nnU-Net's ``_0000``/``_0001`` files: ``data.channel`` picks the column (default 0).
+    """
+    channels = sorted(c for c in cols if re.fullmatch(r"image_\d+", c))
+    if "image" in cols and (channel is None or not channels):
+        return "image"
+    if channels:
+        want = f"image_{channel if channel is not None else 0}"
+        if want not in cols:
+            raise DataError(path, f"data.channel {channel} has no column {want!r} (has {channels})")
+        return want
+    raise DataError(path, f"CSV manifest needs columns 'image' and 'mask' (has {sorted(cols)})")
+
+
 def _csv(cfg: DataConfig, path: Path) -> list[Case]:
     if not path.is_file():
         raise DataError(path, "CSV manifest does not exist")
@@ -200,13 +217,14 @@ def _csv(cfg: DataConfig, path: Path) -> list[Case]:
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         cols = set(reader.fieldnames or [])
-        if not {"image", "mask"} <= cols:
+        image_col = csv_image_column(cols, cfg.channel, path)
+        if "mask" not in cols:
             raise DataError(path, f"CSV manifest needs columns 'image' and 'mask' (has {sorted(cols)})")
         for i, row in enumerate(reader, start=2):
-            if not row.get("image"):
+            if not row.get(image_col):
                 what = f" (mask {row['mask']!r} has no image)" if row.get("mask") else ""
-                raise DataError(path, f"line {i}: empty 'image' column{what}")
-            named = _absolute(base / row["image"])  # the name as listed: symlinks are not followed for ids
+                raise DataError(path, f"line {i}: empty {image_col!r} column{what}")
+            named = _absolute(base / row[image_col])  # the name as listed: symlinks are not followed for ids
             mask = (base / row["mask"]).resolve() if row.get("mask") else None
             rows.append((i, named, mask, row.get("patient") or None, row.get("split") or None))
     stems = [stem(named) for _, named, _, _, _ in rows]

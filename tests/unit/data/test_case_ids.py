@@ -131,3 +131,22 @@ def test_msd_label_without_image_is_an_orphan(synth, tmp_path: Path) -> None:
     write_image(root / "labelsTr" / "case_007.nii.gz", msk, synth.affine_3d)
     d = discover(_cfg(root))
     assert [p.name for p in d.orphan_masks] == ["case_007.nii.gz"]
+
+
+def test_multi_contrast_csv_is_read_one_channel_at_a_time(synth, tmp_path: Path) -> None:
+    root = _brats(synth, tmp_path / "brats", n=2)
+    for i in range(2):
+        img, _ = synth.volume(i)
+        write_image(root / f"case_{i}" / "t1.nii.gz", img * 2, synth.affine_3d)
+    rows = [
+        {"image_0": f"case_{i}/flair.nii.gz", "image_1": f"case_{i}/t1.nii.gz", "mask": f"case_{i}/seg.nii.gz"}
+        for i in range(2)
+    ]
+    manifest = _write_csv(root / "m.csv", rows)
+    assert [c.image.name for c in discover(_cfg(manifest)).cases] == ["flair.nii.gz"] * 2
+    assert [c.image.name for c in discover(_cfg(manifest, channel=1)).cases] == ["t1.nii.gz"] * 2
+    with pytest.raises(DataError, match="no column 'image_2'"):
+        discover(_cfg(manifest, channel=2))
+    from medsynth.data.fingerprint import fingerprint
+
+    assert fingerprint(_cfg(manifest))["channels"] == 2
