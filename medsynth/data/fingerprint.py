@@ -20,7 +20,7 @@ import numpy as np
 
 from medsynth.config.data import DataConfig
 from medsynth.data.cases import Case
-from medsynth.data.io import IMAGE_SUFFIXES, read_image
+from medsynth.data.io import IMAGE_SUFFIXES, image_channels, read_image
 from medsynth.data.layouts import _CHANNEL, detect_layout, discover, stem
 from medsynth.data.vocabulary import dataset_json_path, labels_from_dataset_json, read_dataset_json
 from medsynth.errors import DataError
@@ -52,17 +52,6 @@ def _stats(values: list[float]) -> dict[str, float] | None:
     return {k: round(float(v), 5) for k, v in zip(("min", "p5", "median", "p95", "max"), q, strict=True)}
 
 
-def _channels(case: Case, data: DataConfig) -> int:
-    """Channels of a case's image: the last axis of a 4D NIfTI, or 1."""
-    name = case.image.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
-        import nibabel as nib
-
-        shape = nib.load(str(case.image)).shape  # header only
-        return int(shape[3]) if len(shape) == 4 else 1
-    return 1
-
-
 def _nnunet_channels(root: Path) -> int:
     """Channels given as files: nnU-Net ``imagesTr/X_0000``, ``X_0001``... or CSV ``image_0``, ``image_1``..."""
     if root.is_file() and root.suffix.lower() == ".csv":
@@ -82,7 +71,7 @@ def _read_case(case: Case, data: DataConfig) -> dict[str, Any]:
     """Per-case measurements (or ``{"error": ...}`` when a file cannot be read)."""
     out: dict[str, Any] = {"case_id": case.case_id, "patient_id": case.patient_id}
     try:
-        n_ch = _channels(case, data)
+        n_ch = image_channels(case.image)
         img = read_image(
             case.image, "image", channel=data.channel if data.channel is not None else (0 if n_ch > 1 else None)
         )
