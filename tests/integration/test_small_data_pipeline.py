@@ -80,16 +80,16 @@ def test_one_test_case_3d_dataset_validates_with_na(synth, tmp_path: Path) -> No
     stages.run_segmenter(cfg, device="cpu")
     stages.run_features(cfg, device="cpu")
     summary = stages.run_validate(cfg, device="cpu")
-    rep = json.loads(Path(summary["report"]).read_text())
+    rep = json.loads(Path(summary["report"]).read_text(encoding="utf-8"))
     assert rep["n_items"] == 1 and rep["labels"] == {"0": "background", "1": "label_1", "2": "label_2"}
     assert rep["realism"]["fid"] is None and rep["realism"]["na"].startswith("n/a (needs >= 2")
     assert rep["memorisation"]["na"].startswith("n/a (needs >= 2 real test images")
-    md = (Path(summary["report"]).parent / "validation_summary.md").read_text()
+    md = (Path(summary["report"]).parent / "validation_summary.md").read_text(encoding="utf-8")
     assert "n/a (needs >= 2" in md and "CI n/a (needs >= 2 patients, has 1)" in md
     assert "val/fid_in_domain" not in summary  # an n/a measurement is not logged as a number
     synth_summary = stages.run_synthesize(cfg, device="cpu")
     assert synth_summary
     exp = stages.run_experiment(cfg, device="cpu")
     assert exp["n_cells"] == 2
-    exp_md = Path(exp["summary_md"]).read_text()
+    exp_md = Path(exp["summary_md"]).read_text(encoding="utf-8")
     assert "n/a (needs >= 2 test patients)" in exp_md and "n/a (needs >= 2 seeds, has 1)" in exp_md

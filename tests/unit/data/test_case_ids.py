@@ -100,7 +100,7 @@ def test_orphan_mask_is_listed_and_fails_under_policy_fail(synth, tmp_path: Path
     cfg = synth.config(synth.raw(root))
     report = run_check(cfg, tmp_path / "qc")
     assert report.n_bad == 0 and report.orphan_masks == [orphan]
-    assert "vol_9.nii.gz" in (tmp_path / "qc" / "qc_summary.md").read_text()
+    assert "vol_9.nii.gz" in (tmp_path / "qc" / "qc_summary.md").read_text(encoding="utf-8")
     with pytest.raises(DataError) as info:
         enforce_policy(report)
     assert info.value.path == str(orphan) and "no matching image" in info.value.problem

@@ -128,10 +128,10 @@ def test_cli_plan_writes_fingerprint_and_config(
     assert info.value.code == 0
     printed = capsys.readouterr().out
     assert f"config: {out}" in printed
-    fp = json.loads((out.parent / "fingerprint.json").read_text())
+    fp = json.loads((out.parent / "fingerprint.json").read_text(encoding="utf-8"))
     assert fp["n_cases"] == 5
-    assert (out.parent / "fingerprint.md").read_text().startswith("# Dataset fingerprint")
-    raw = yaml.safe_load(out.read_text())
+    assert (out.parent / "fingerprint.md").read_text(encoding="utf-8").startswith("# Dataset fingerprint")
+    raw = yaml.safe_load(out.read_text(encoding="utf-8"))
     assert raw["data"]["root"] == str(root)
     load_config(out)
     # a second plan into the same file is refused before anything is written

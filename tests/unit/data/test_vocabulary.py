@@ -33,10 +33,10 @@ def test_undeclared_labels_are_inferred_as_the_union_of_mask_values(synth, tmp_p
     report = run_check(cfg, tmp_path / "qc")
     assert report.n_bad == 0
     assert report.labels == {0: "background", 1: "label_1", 2: "label_2"}
-    md = (tmp_path / "qc" / "qc_summary.md").read_text()
+    md = (tmp_path / "qc" / "qc_summary.md").read_text(encoding="utf-8")
     assert "labels inferred from 3 masks" in md
     assert "| 2 | label_2 |" in md
-    stored = json.loads((tmp_path / "qc" / "qc_report.json").read_text())
+    stored = json.loads((tmp_path / "qc" / "qc_report.json").read_text(encoding="utf-8"))
     assert stored["labels_source"]["source"] == "inferred"
 
 
@@ -73,7 +73,7 @@ def test_binary_0_255_masks_are_inferred_as_foreground_with_remap(synth, tmp_pat
 )
 def test_dataset_json_labels_are_read(synth, labels: dict[str, object]) -> None:
     root = synth.msd(n=2)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     (root / "dataset.json").write_text(json.dumps({**meta, "labels": labels}))
     cfg = synth.config(_raw_undeclared(synth, root))
     vocab = infer_vocabulary(cfg.data)
@@ -83,7 +83,7 @@ def test_dataset_json_labels_are_read(synth, labels: dict[str, object]) -> None:
 
 def test_dataset_json_vocabulary_mismatch_names_file_values_and_how_to_declare(synth, tmp_path: Path) -> None:
     root = synth.msd(n=2)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     (root / "dataset.json").write_text(json.dumps({**meta, "labels": {"0": "background", "1": "a"}}))
     cfg = synth.config(_raw_undeclared(synth, root))
     report = run_check(cfg, tmp_path / "qc")
