@@ -101,7 +101,11 @@ def data_check(
     n = len(discover(cfg.data).cases)
     with progress_for(n, "checking") as prog:
         report = run_check(cfg, out_dir, prog)
-    typer.echo(f"{report.n_cases} cases, {report.n_bad} bad; report: {out_dir / REPORT_MD}")
+    orphans = f", {len(report.orphan_masks)} masks without an image" if report.orphan_masks else ""
+    typer.echo(f"{report.n_cases} cases, {report.n_bad} bad{orphans}; report: {out_dir / REPORT_MD}")
+    if report.labels is not None:
+        names = ", ".join(f"{k}={v}" for k, v in sorted(report.labels.items()))
+        typer.echo(f"labels: {names} ({report.labels_detail})")
     enforce_policy(report)
 
 
@@ -130,6 +134,48 @@ def data_phantom(
         overwrite=overwrite,
     )
     typer.echo(f"phantom dataset written to {path}")
+
+
+@app.command("plan")
+def plan_cmd(
+    data: Annotated[str, typer.Argument(help="Dataset folder or CSV manifest.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Planned config (default <output-dir>/<name>/plan/<name>.yaml).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="Target device: cpu or cuda.")] = "cpu",
+    memory_gib: Annotated[float | None, typer.Option(help="Memory to plan batch sizes for (CPU 8, CUDA 16).")] = None,
+    budget_min: Annotated[
+        float | None, typer.Option(help="Training time budget in minutes (CPU 60, CUDA 240).")
+    ] = None,
+    max_cases: Annotated[int, typer.Option(help="Cases read for the fingerprint (a seeded sample).")] = 64,
+    set_: SetOpt = None,
+) -> None:
+    """Fingerprint a dataset and write a commented config sized for a device, memory and time budget."""
+    from medsynth.config.data import DataConfig
+    from medsynth.config.loader import apply_overrides, validate_config
+    from medsynth.data.fingerprint import fingerprint, safe_name, write_fingerprint
+    from medsynth.planning import plan_config, write_plan
+    from medsynth.progress import progress_for
+
+    if device not in ("cpu", "cuda"):
+        raise ConfigError("command line", f"--device must be cpu or cuda (got {device!r})")
+    raw = apply_overrides({"root": data}, [s.removeprefix("data.") for s in set_ or []])
+    data_cfg = validate_config(raw, "command line", DataConfig)
+    name = safe_name(data)
+    target = out or Path("outputs") / name / "plan" / f"{name}.yaml"
+    if target.exists():
+        raise MedsynthError(f"{target}: output already exists (choose another --out)")
+    with progress_for(max_cases, "fingerprinting") as prog:
+        fp = fingerprint(data_cfg, max_cases=max_cases, progress=prog)
+    js, md = write_fingerprint(fp, target.parent)
+    the_plan = plan_config(fp, device, memory_gib, budget_min, name=name)  # type: ignore[arg-type]
+    write_plan(the_plan, target)
+    typer.echo(f"fingerprint: {js} and {md}")
+    for p in fp["problems"]:
+        typer.echo(f"suspected problem: {p}")
+    for w in the_plan.warnings:
+        typer.secho(f"warning: {w}", fg="yellow")
+    typer.echo(f"config: {target}  (next: medsynth data check {target}; medsynth run {target})")
 
 
 @config_app.command("show")

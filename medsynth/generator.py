@@ -225,7 +225,12 @@ def load_generator(
         **{f"autoencoder/{k}": v for k, v in ae_ckpt.file_hashes().items()},
         **{f"unet/{k}": v for k, v in (unet_ckpt.file_hashes() if unet_ckpt else {}).items()},
     }
-    k = num_classes if num_classes is not None else max(cfg.data.labels) + 1
+    if num_classes is not None:
+        k = num_classes
+    else:
+        from medsynth.data.vocabulary import data_labels
+
+        k = max(data_labels(cfg)) + 1
     net: torch.nn.Module = unet
     if controlnet_run is not None:
         cn_ckpt = find_checkpoint(controlnet_run, "final")

@@ -57,8 +57,9 @@ class DataConfig(StrictModel):
     )
     channel: int | None = Field(None, ge=0, description="Channel to keep from 4D (multi-modal) images.")
     labels: dict[int, str] = Field(
-        default_factory=lambda: {0: "background", 1: "foreground"},
-        description="Label vocabulary: mask value → name. 0 must be the background.",
+        default_factory=dict,
+        description="Label vocabulary: mask value → name; 0 must be the background. Empty (the default): read "
+        "from a dataset.json next to the data, else inferred from the masks (union of values) and reported.",
     )
     label_remap: dict[int, int] = Field(
         default_factory=dict, description="Mask values mapped before validation, e.g. {255: 1}."
@@ -67,6 +68,8 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _labels_ok(self) -> DataConfig:
+        if not self.labels:  # resolved from the data (medsynth.data.vocabulary)
+            return self
         if 0 not in self.labels:
             raise ValueError("labels must contain 0 (background)")
         bad = sorted(v for v in self.label_remap.values() if v not in self.labels)

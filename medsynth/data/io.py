@@ -138,6 +138,20 @@ def _read_itk(path: Path) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.float
     return arr, _lps_ras_flip(d) @ lps
 
 
+def image_channels(path: str | Path) -> int:
+    """Channels of an image file without reading its voxels: the 4th axis of a NIfTI, else 1."""
+    p = Path(path)
+    if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        try:
+            shape = nib.load(str(p)).shape  # header only
+        except Exception:  # unreadable files are reported by read_image, with their problem
+            return 1
+        return int(shape[3]) if len(shape) == 4 else 1
+    return 1
+
+
 def read_image(path: str | Path, kind: Kind = "image", channel: int | None = None) -> ImageData:
     """Read an image or mask file (or DICOM series folder) with its geometry.
 

@@ -10,6 +10,19 @@ import numpy.typing as npt
 from medsynth.config.data import DataConfig
 from medsynth.errors import DataError
 
+HOW_TO_DECLARE = (
+    "declare the vocabulary in the config (data: {labels: {0: background, 1: tumour}}) or on the command line "
+    "(--set 'data.labels={0: background, 1: tumour}', or `data check --labels 0:background,1:tumour`), map "
+    "values with data.label_remap (e.g. {255: 1}), or leave data.labels out to infer it from the masks"
+)
+
+
+def problem_hint(code: str) -> str:
+    """The hint shown with the first bad case of a dataset: how to declare labels for label problems."""
+    if code == "label_values":
+        return HOW_TO_DECLARE + "; or set qc.policy=exclude to drop bad cases and list them"
+    return "fix the data, or set qc.policy=exclude to drop bad cases and list them"
+
 
 def remap_and_validate(mask: npt.NDArray[np.generic], cfg: DataConfig, path: str | Path) -> npt.NDArray[np.int64]:
     """Apply ``cfg.label_remap`` and check every value is in ``cfg.labels``.
@@ -35,6 +48,6 @@ def remap_and_validate(mask: npt.NDArray[np.generic], cfg: DataConfig, path: str
         raise DataError(
             path,
             f"mask values {bad[:10]} are not in the label vocabulary {sorted(cfg.labels)}",
-            hint="declare them in data.labels or map them with data.label_remap (e.g. {255: 1})",
+            hint=HOW_TO_DECLARE,
         )
     return out

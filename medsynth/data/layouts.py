@@ -13,8 +13,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medsynth.config.data import DataConfig
@@ -36,11 +38,14 @@ class Discovery:
         layout: The layout used.
         cases: Cases in a deterministic (sorted) order, without splits unless the data gave them.
         message: One line saying which layout was used and why (for logs and reports).
+        orphan_masks: Mask files that no image pairs with (an error under ``qc.policy=fail``, listed
+            and dropped under ``exclude``). Images without a mask are cases whose ``mask`` is None.
     """
 
     layout: str
     cases: list[Case]
     message: str
+    orphan_masks: list[Path] = field(default_factory=list)
 
 
 def stem(path: Path) -> str:
@@ -69,6 +74,29 @@ def _image_entries(folder: Path) -> list[Path]:
     return out
 
 
+def unique_ids(stems: list[str], qualifiers: list[list[str]]) -> list[str]:
+    """Case ids from file stems, qualified where stems collide.
+
+    A stem that occurs once is its own id. Colliding stems are prefixed with their qualifier parts
+    (e.g. the patient, or the folders below the dataset root) joined by ``__``: BraTS-style
+    ``case_1/flair.nii.gz`` and ``case_2/flair.nii.gz`` become ``case_1__flair`` and ``case_2__flair``.
+
+    Args:
+        stems: File stems, one per case.
+        qualifiers: For each stem, the parts that tell it apart (outermost first).
+
+    Returns:
+        One id per stem, in the input order (may still repeat when the qualifiers do too).
+    """
+    counts = Counter(stems)
+    return [s if counts[s] == 1 else "__".join([*q, s]) for s, q in zip(stems, qualifiers, strict=True)]
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute, normalised path without resolving symlinks (a link's own name names the case)."""
+    return Path(os.path.abspath(path))
+
+
 def _patient(cfg: DataConfig, root: Path, image: Path, case_id: str, images_root: Path) -> str:
     rel = image.relative_to(root).as_posix()
     if cfg.patient_regex:
@@ -81,7 +109,7 @@ def _patient(cfg: DataConfig, root: Path, image: Path, case_id: str, images_root
     return case_id
 
 
-def _msd(cfg: DataConfig, root: Path) -> list[Case]:
+def _msd(cfg: DataConfig, root: Path) -> tuple[list[Case], list[Path]]:
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     meta_path = root / "dataset.json"
     pairs: list[tuple[str, Path, Path | None]] = []
@@ -94,84 +122,131 @@ def _msd(cfg: DataConfig, root: Path) -> list[Case]:
     training = meta.get("training") if isinstance(meta, dict) else None
     if isinstance(training, list) and training and isinstance(training[0], dict) and "image" in training[0]:
         for row in training:
-            img = (root / str(row["image"])).resolve()
+            named = _absolute(root / str(row["image"]))
+            img = named.resolve()
             lab = (root / str(row["label"])).resolve() if row.get("label") else None
-            pairs.append((stem(img), img, lab))
+            s = stem(named)
+            m = _CHANNEL.match(s)
+            pairs.append((m.group("id") if m else s, img, lab))
+        orphans: list[Path] = []
     else:  # no training list: the files are found in imagesTr/ (a training list may point anywhere)
         if not images_dir.is_dir():
             raise DataError(root, "MSD/nnU-Net layout needs an imagesTr/ folder")
         want = cfg.channel if cfg.channel is not None else 0
         labels = {stem(p): p for p in _image_entries(labels_dir)} if labels_dir.is_dir() else {}
+        all_ids: set[str] = set()
         for img in _image_entries(images_dir):
             s = stem(img)
             m = _CHANNEL.match(s)
             if m:
+                all_ids.add(m.group("id"))
                 if int(m.group("ch")) != want:
                     continue
                 s = m.group("id")
+            all_ids.add(s)
             pairs.append((s, img, labels.get(s)))
-    return [
+        orphans = [p for s, p in sorted(labels.items()) if s not in all_ids]
+    cases = [
         Case(s, s if not cfg.patient_regex else _patient(cfg, root, img, s, images_dir), img, lab)
         for s, img, lab in sorted(pairs, key=lambda t: t[0])
     ]
+    return cases, orphans
 
 
-def _paired(cfg: DataConfig, root: Path) -> list[Case]:
+def _paired(cfg: DataConfig, root: Path) -> tuple[list[Case], list[Path]]:
     images_root = root / cfg.images_dir if cfg.images_dir else root
     if not images_root.is_dir():
         raise DataError(images_root, "images folder does not exist")
     masks_root = root / cfg.masks_dir if cfg.masks_dir else None
     suffix = cfg.mask_suffix
     entries = _image_entries(images_root)
+    masks: dict[tuple[Path, str], Path]
     if masks_root is None:
         if not suffix:
             raise DataError(root, "paired layout with masks next to images needs data.mask_suffix (e.g. '_mask')")
         images = [p for p in entries if not stem(p).endswith(suffix)]
-        masks = {(p.parent, stem(p)): p for p in entries if stem(p).endswith(suffix)}
+        masks = {(p.parent.relative_to(images_root), stem(p)): p for p in entries if stem(p).endswith(suffix)}
     else:
         if not masks_root.is_dir():
             raise DataError(masks_root, "masks folder does not exist")
         images = entries
-        masks = {(Path(), stem(p)): p for p in _image_entries(masks_root)}
+        masks = {(p.parent.relative_to(masks_root), stem(p)): p for p in _image_entries(masks_root)}
+    by_stem: dict[str, list[tuple[Path, str]]] = {}
+    for mkey in masks:
+        by_stem.setdefault(mkey[1], []).append(mkey)
+    rels = [img.relative_to(images_root) for img in images]
+    ids = unique_ids([stem(img) for img in images], [list(r.parent.parts) for r in rels])
     cases: list[Case] = []
-    seen: dict[str, Path] = {}
-    for img in images:
-        s = stem(img)
-        key = (img.parent, s + suffix) if masks_root is None else (Path(), s + suffix)
-        mask = masks.get(key)
-        cid = s
-        if cid in seen:  # same stem in two folders: qualify by relative path
-            cid = stem(img.relative_to(images_root)).replace("/", "__")
-            cid = "__".join([*img.relative_to(images_root).parent.parts, cid])
-        seen[cid] = img
+    used: set[tuple[Path, str]] = set()
+    for img, rel, cid in zip(images, rels, ids, strict=True):
+        want = stem(img) + suffix
+        key: tuple[Path, str] | None = (rel.parent, want)
+        if key not in masks:  # masks/ flat while images/ has subfolders (or the reverse): match by stem alone
+            same = by_stem.get(want, [])
+            key = same[0] if len(same) == 1 else None
+        mask = masks[key] if key is not None else None
+        if key is not None:
+            used.add(key)
         cases.append(Case(cid, _patient(cfg, root, img, cid, images_root), img, mask))
-    return cases
+    orphans = [p for k, p in sorted(masks.items()) if k not in used]
+    return cases, orphans
+
+
+def csv_image_column(cols: set[str], channel: int | None, path: Path) -> str:
+    """The image column of a manifest: ``image``, or ``image_<k>`` of a multi-contrast manifest.
+
+    Multi-contrast manifests (``image_0``, ``image_1``, ...) are read one channel at a time, like
+    nnU-Net's ``_0000``/``_0001`` files: ``data.channel`` picks the column (default 0).
+    """
+    channels = sorted(c for c in cols if re.fullmatch(r"image_\d+", c))
+    if "image" in cols and (channel is None or not channels):
+        return "image"
+    if channels:
+        want = f"image_{channel if channel is not None else 0}"
+        if want not in cols:
+            raise DataError(path, f"data.channel {channel} has no column {want!r} (has {channels})")
+        return want
+    raise DataError(path, f"CSV manifest needs columns 'image' and 'mask' (has {sorted(cols)})")
 
 
 def _csv(cfg: DataConfig, path: Path) -> list[Case]:
     if not path.is_file():
         raise DataError(path, "CSV manifest does not exist")
     base = path.parent
-    cases: list[Case] = []
+    rows: list[tuple[int, Path, Path | None, str | None, str | None]] = []
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         cols = set(reader.fieldnames or [])
-        if not {"image", "mask"} <= cols:
+        image_col = csv_image_column(cols, cfg.channel, path)
+        if "mask" not in cols:
             raise DataError(path, f"CSV manifest needs columns 'image' and 'mask' (has {sorted(cols)})")
         for i, row in enumerate(reader, start=2):
-            if not row.get("image"):
-                raise DataError(path, f"line {i}: empty 'image' column")
-            img = (base / row["image"]).resolve()
+            if not row.get(image_col):
+                what = f" (mask {row['mask']!r} has no image)" if row.get("mask") else ""
+                raise DataError(path, f"line {i}: empty {image_col!r} column{what}")
+            named = _absolute(base / row[image_col])  # the name as listed: symlinks are not followed for ids
             mask = (base / row["mask"]).resolve() if row.get("mask") else None
-            cid = stem(img)
-            pid = row.get("patient") or cid
-            split = row.get("split") or None
-            cases.append(Case(cid, pid, img, mask, split))
-    ids = [c.case_id for c in cases]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise DataError(path, f"duplicate case ids (image stems) {dup[:5]}")
-    return cases
+            rows.append((i, named, mask, row.get("patient") or None, row.get("split") or None))
+    stems = [stem(named) for _, named, _, _, _ in rows]
+    qualifiers = [[pid] if pid else [named.parent.name] for _, named, _, pid, _ in rows]
+    ids = unique_ids(stems, qualifiers)
+    if len(set(ids)) != len(ids):  # patient/folder did not tell them apart: the path below the CSV does
+        quals = []
+        for _, named, _, _, _ in rows:
+            try:
+                quals.append(list(named.parent.relative_to(_absolute(base)).parts))
+            except ValueError:
+                quals.append(list(named.parent.parts[1:]))
+        ids = unique_ids(stems, quals)
+    seen: dict[str, int] = {}
+    for (line, named, _, _, _), cid in zip(rows, ids, strict=True):
+        if cid in seen:
+            raise DataError(path, f"lines {seen[cid]} and {line} both give case id {cid!r} (image {named.name})")
+        seen[cid] = line
+    return [
+        Case(cid, pid or cid, named.resolve(), mask, split)
+        for (_, named, mask, pid, split), cid in zip(rows, ids, strict=True)
+    ]
 
 
 def detect_layout(cfg: DataConfig, root: Path) -> tuple[DataConfig, str]:
@@ -226,12 +301,13 @@ def discover(cfg: DataConfig, root: Path | None = None) -> Discovery:
         cfg, message = detect_layout(cfg, r)
     else:
         message = f"layout {cfg.layout} (from config)"
+    orphans: list[Path] = []
     if cfg.layout == "msd":
-        cases = _msd(cfg, r)
+        cases, orphans = _msd(cfg, r)
     elif cfg.layout == "paired":
         if not r.is_dir():
             raise DataError(r, "dataset root does not exist")
-        cases = _paired(cfg, r)
+        cases, orphans = _paired(cfg, r)
     else:
         cases = _csv(cfg, r)
     if cfg.include:
@@ -240,5 +316,14 @@ def discover(cfg: DataConfig, root: Path | None = None) -> Discovery:
     if not cases:
         what = f"no case id matches data.include {cfg.include!r}" if cfg.include else "no image files were found"
         raise DataError(r, f"dataset is empty: {message} but {what}")
+    ids = Counter(c.case_id for c in cases)
+    dup = sorted(i for i, n in ids.items() if n > 1)
+    if dup:
+        first = next(c for c in cases if c.case_id == dup[0])
+        raise DataError(first.image, f"case id {dup[0]!r} is given by {ids[dup[0]]} images ({len(dup)} ids repeat)")
+    if orphans:
+        log.warning("%d mask(s) without an image, e.g. %s", len(orphans), orphans[0])
     log.info("%s: %d cases", message, len(cases))
-    return Discovery(layout=cfg.layout, cases=sorted(cases, key=lambda c: c.case_id), message=message)
+    return Discovery(
+        layout=cfg.layout, cases=sorted(cases, key=lambda c: c.case_id), message=message, orphan_masks=orphans
+    )

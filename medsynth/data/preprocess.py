@@ -34,9 +34,11 @@ from medsynth.config.loader import save_resolved
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.case_transform import transform_case
 from medsynth.data.cases import Case, assign_splits, split_summary, splits_json
+from medsynth.data.labels import problem_hint
 from medsynth.data.layouts import discover
 from medsynth.data.qc import load_and_check
 from medsynth.data.transforms import IMAGE, MASK, pad_crop_transform, to_meta
+from medsynth.data.vocabulary import Vocabulary, resolve_labels
 from medsynth.errors import DataError
 from medsynth.fileio import sha256_file, sha256_json, write_atomic, write_json_atomic
 from medsynth.progress import NullProgress, Progress
@@ -82,6 +84,8 @@ class PreprocessPlan:
     discovery_message: str
     work: list[CaseWork]
     labels: dict[int, str]
+    vocabulary: Vocabulary | None = None
+    orphan_masks: list[Path] = field(default_factory=list)
 
     @property
     def todo(self) -> list[CaseWork]:
@@ -96,7 +100,9 @@ def cache_dir_for(cfg: MedsynthConfig) -> Path:
 
 def output_labels(cfg: MedsynthConfig) -> dict[int, str]:
     """The label vocabulary of the cache: the data labels plus an enabled derived label."""
-    labels = dict(cfg.data.labels)
+    from medsynth.data.vocabulary import data_labels
+
+    labels = data_labels(cfg)
     dl = cfg.preprocess.derived_label
     if dl.enabled:
         if dl.index in labels:
@@ -144,8 +150,13 @@ def plan(cfg: MedsynthConfig, cache_dir: Path | None = None) -> PreprocessPlan:
         The plan; ``plan.todo`` lists the cases without a valid cache entry.
     """
     cache = Path(cache_dir) if cache_dir is not None else cache_dir_for(cfg)
+    cfg, vocab = resolve_labels(cfg)
     labels = output_labels(cfg)
     disc = discover(cfg.data)
+    if disc.orphan_masks and cfg.qc.policy == "fail":
+        from medsynth.data.qc_report import orphan_error
+
+        raise orphan_error(disc.orphan_masks, "run `medsynth data check` for the list")
     cases = assign_splits(disc.cases, cfg.data.split)
     relevant = sha256_json(_relevant_config(cfg))
     work: list[CaseWork] = []
@@ -169,7 +180,7 @@ def plan(cfg: MedsynthConfig, cache_dir: Path | None = None) -> PreprocessPlan:
             files_ok = all((cache / it["file"]).is_file() for it in old.get("items", []))
             cached = old if files_ok else None
         work.append(CaseWork(case, key, inputs, cached))
-    return PreprocessPlan(cfg, cache, disc.message, work, labels)
+    return PreprocessPlan(cfg, cache, disc.message, work, labels, vocab, list(disc.orphan_masks))
 
 
 def _slice_affine(affine: npt.NDArray[np.float64], axis: int, index: int) -> npt.NDArray[np.float64]:
@@ -356,7 +367,7 @@ def commit(
         raise DataError(
             first["file"],
             first["message"] + more,
-            hint="fix the data, or set qc.policy=exclude to drop bad cases and list them",
+            hint=problem_hint(str(first.get("code", ""))),
         )
     (cache / "cases").mkdir(parents=True, exist_ok=True)
     for r in new.values():
@@ -381,11 +392,14 @@ def commit(
             "digest": sha256_json(sorted(w.key for w in plan_.work)),
         },
         "labels": {str(k): v for k, v in plan_.labels.items()},
+        "data_labels": {str(k): v for k, v in sorted(cfg.data.labels.items())},
+        "labels_source": plan_.vocabulary.to_json() if plan_.vocabulary else None,
         "spatial_dims": cfg.preprocess.spatial_dims,
         "splits": split_summary(cases),
         "n_items": len(items),
         "items": items,
         "excluded": excluded,
+        "orphan_masks": [str(p) for p in plan_.orphan_masks],
     }
     write_json_atomic(cache / "splits.json", splits_json(cases))
     save_resolved(cfg, cache)
@@ -426,7 +440,7 @@ def run_preprocess(
     try:
         results = []
         for w in p.todo:
-            results.append(process_case(w, cfg, staging))
+            results.append(process_case(w, p.cfg, staging))
             prog.advance(1, w.case.case_id)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medsynth.evaluation.stats import needs
+
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 KERNEL = 11
 
@@ -89,11 +91,19 @@ def diversity_report(groups: torch.Tensor | Sequence[torch.Tensor], data_range: 
 
     Returns:
         ``{"mean", "sd" (over masks), "per_mask", "n_masks", "n_pairs", "method", "scales", "weights",
-        "kernel_size", "interpretation"}``.
+        "kernel_size", "interpretation"}``; with no pair of images (one seed, or no mask) the mean is
+        NaN and ``na`` says what was missing, instead of raising.
     """
     seq = list(groups.unbind(0)) if isinstance(groups, torch.Tensor) else list(groups)
     if not seq:
-        raise ValueError("no image groups given")
+        return {
+            "mean": float("nan"),
+            "sd": float("nan"),
+            "per_mask": [],
+            "n_masks": 0,
+            "n_pairs": 0,
+            "na": needs(1, "mask"),
+        }
     spatial = tuple(seq[0].shape[2:])
     fn, info = similarity(len(spatial), spatial, data_range)
     per_mask, n_pairs = [], 0
@@ -103,7 +113,9 @@ def diversity_report(groups: torch.Tensor | Sequence[torch.Tensor], data_range: 
         per_mask.append(float(vals.mean()) if vals.numel() else float("nan"))
     arr = np.asarray(per_mask)
     ok = arr[np.isfinite(arr)]
+    na = {} if n_pairs else {"na": needs(2, "seeds per mask", max((int(g.shape[0]) for g in seq), default=0))}
     return {
+        **na,
         "mean": float(ok.mean()) if ok.size else float("nan"),
         "sd": float(ok.std(ddof=1)) if ok.size > 1 else float("nan"),
         "per_mask": per_mask,

@@ -85,7 +85,7 @@ from medsynth.evaluation.classifier import (
     youden_threshold,
 )
 from medsynth.evaluation.metrics import dice_per_label
-from medsynth.evaluation.stats import bootstrap_mean, format_value, mean_sd, paired_comparison
+from medsynth.evaluation.stats import bootstrap_mean, format_value, mean_sd, needs, paired_comparison
 from medsynth.fileio import sha256_json, write_atomic, write_text_atomic
 from medsynth.progress import NullProgress, Progress
 from medsynth.tracking.base import NullTracker, Tracker
@@ -1085,7 +1085,7 @@ def _arm_order(arm: str) -> int:
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
-    return format_value(v, digits, missing="–")
+    return format_value(v, digits, missing="–")  # a "–" cell is explained by a note below the table
 
 
 def _arm_label(arm: str, ratio: int) -> str:
@@ -1169,6 +1169,13 @@ def _write_summary(
         )
         cells += [delta, _fmt(r["p_value"], 4)]
         lines.append("| " + " | ".join(cells) + " |")
+    notes = []  # "–" cells of a small experiment say why they are empty
+    if len(ec.seeds) < 2:
+        notes.append(f"- ± sd: {needs(2, 'seeds', len(ec.seeds))}")
+    if rows and all(r.get("ci_lo") is None for r in rows):
+        notes.append(f"- CI and p: {needs(2, 'test patients')} ({n_test} test items)")
+    if notes:
+        lines += ["", *notes]
     md_path = write_text_atomic(out / SUMMARY_MD, "\n".join(lines) + "\n")
     return csv_path, md_path
 

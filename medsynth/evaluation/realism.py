@@ -22,11 +22,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from medsynth.evaluation.stats import needs
+
 NOT_COMPARABLE = (
     "FID/KID computed on medsynth's in-domain feature encoder (or the user's local weights), not on "
     "Inception/ImageNet or RadImageNet features: compare only runs that use the same encoder and data; "
     "these values are NOT comparable to published Inception/RadImageNet FIDs."
 )
+
+
+MIN_SAMPLES = 2
+"""FID needs a covariance and the unbiased MMD² a pair within each set: at least two vectors per set."""
 
 
 def _as2d(f: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -128,12 +134,16 @@ def realism_report(
 
     Returns:
         ``{"fid", "kid_mean", "kid_std", "n_real", "n_synth", "feature_dim", "encoder", "note"}`` plus
-        ``reference_fid``/``reference_kid_mean`` with ``f_reference``.
+        ``reference_fid``/``reference_kid_mean`` with ``f_reference``. With fewer than
+        :data:`MIN_SAMPLES` vectors in a set the distances are None and ``na`` (``reference_na``)
+        says why, instead of raising.
     """
     a, b = _as2d(f_real), _as2d(f_synth)
-    km, ks = kid(a, b, kid_subset_size, kid_subsets, seed)
+    short = min(a.shape[0], b.shape[0])
+    enough = short >= MIN_SAMPLES and kid_subset_size >= MIN_SAMPLES
+    km, ks = kid(a, b, kid_subset_size, kid_subsets, seed) if enough else (None, None)
     out: dict[str, Any] = {
-        "fid": frechet_distance(a, b),
+        "fid": frechet_distance(a, b) if enough else None,
         "kid_mean": km,
         "kid_std": ks,
         "kid_kernel": "polynomial degree 3, (x.y/F + 1)^3, unbiased MMD^2",
@@ -143,9 +153,15 @@ def realism_report(
         "encoder": encoder,
         "note": NOT_COMPARABLE,
     }
+    if not enough:
+        out["na"] = needs(MIN_SAMPLES, "real and synthetic images (and KID subset size)", min(short, kid_subset_size))
     if f_reference is not None:
         r = _as2d(f_reference)
-        out["reference_fid"] = frechet_distance(a, r)
-        out["reference_kid_mean"] = kid(a, r, kid_subset_size, kid_subsets, seed)[0]
         out["n_reference"] = int(r.shape[0])
+        if enough and r.shape[0] >= MIN_SAMPLES:
+            out["reference_fid"] = frechet_distance(a, r)
+            out["reference_kid_mean"] = kid(a, r, min(kid_subset_size, r.shape[0]), kid_subsets, seed)[0]
+        else:
+            out["reference_fid"] = out["reference_kid_mean"] = None
+            out["reference_na"] = needs(MIN_SAMPLES, "real test and real training images", min(short, r.shape[0]))
     return out

@@ -50,6 +50,16 @@ class Estimate:
         return {k: _json_float(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
+MIN_PATIENTS_CI = 2
+"""A bootstrap interval needs at least this many patients (one patient always resamples to itself)."""
+
+
+def needs(n: int, what: str, have: int | None = None) -> str:
+    """The report text of a measurement that had too few items: ``"n/a (needs >= 2 patients, has 1)"``."""
+    got = "" if have is None else f", has {have}"
+    return f"n/a (needs >= {n} {what}{got})"
+
+
 def _json_float(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
@@ -120,7 +130,9 @@ def bootstrap_mean(
     (sums,), counts, n_cases = _group([values], patients)
     if n_cases == 0:
         return _nan_estimate(ci)
-    lo, hi = _interval(bootstrap_replicates(values, patients, n_boot, seed), ci)
+    lo, hi = float("nan"), float("nan")
+    if len(counts) >= MIN_PATIENTS_CI:  # one patient: no interval (it would have zero width)
+        lo, hi = _interval(bootstrap_replicates(values, patients, n_boot, seed), ci)
     return Estimate(float(sums.sum() / counts.sum()), lo, hi, ci, n_cases, len(counts))
 
 
@@ -141,11 +153,13 @@ def bootstrap_ratio(
     (s_num, s_den), counts, n_cases = _group([numerator, denominator], patients)
     if n_cases == 0 or s_den.sum() == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), ci, n_cases, len(counts))
-    w = _draws(len(counts), n_boot, seed)
-    num, den = w @ s_num, w @ s_den
-    with np.errstate(divide="ignore", invalid="ignore"):
-        reps = np.where(den != 0, num / np.where(den != 0, den, 1.0), np.nan)
-    lo, hi = _interval(reps, ci)
+    lo, hi = float("nan"), float("nan")
+    if len(counts) >= MIN_PATIENTS_CI:
+        w = _draws(len(counts), n_boot, seed)
+        num, den = w @ s_num, w @ s_den
+        with np.errstate(divide="ignore", invalid="ignore"):
+            reps = np.where(den != 0, num / np.where(den != 0, den, 1.0), np.nan)
+        lo, hi = _interval(reps, ci)
     return Estimate(float(s_num.sum() / s_den.sum()), lo, hi, ci, n_cases, len(counts))
 
 
@@ -251,8 +265,16 @@ def format_value(v: Any, digits: int = 3, missing: str = "n/a") -> str:
 
 
 def format_estimate(e: dict[str, Any], digits: int = 3) -> str:
-    """``"value [lo, hi]"`` of an :class:`Estimate` as JSON (``n/a`` when it has no value)."""
+    """``"value [lo, hi]"`` of an :class:`Estimate` as JSON (``n/a`` when it has no value).
+
+    An estimate from fewer than :data:`MIN_PATIENTS_CI` patients shows its value with
+    ``[CI n/a (needs >= 2 patients, has 1)]``.
+    """
     if e.get("value") is None:
-        return "n/a"
+        n = e.get("n_cases")
+        return needs(1, "case with the label") if n == 0 else "n/a"
+    n_pat = e.get("n_patients")
+    if e.get("lo") is None and isinstance(n_pat, int) and n_pat < MIN_PATIENTS_CI:
+        return f"{format_value(e['value'], digits)} [CI {needs(MIN_PATIENTS_CI, 'patients', n_pat)}]"
     lo, hi = format_value(e.get("lo"), digits), format_value(e.get("hi"), digits)
     return f"{format_value(e['value'], digits)} [{lo}, {hi}]"

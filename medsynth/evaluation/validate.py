@@ -9,6 +9,7 @@ per mask give diversity; nearest training neighbours give the memorisation audit
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,10 @@ def lesion_label(cfg: MedsynthConfig) -> int:
     use (:func:`medsynth.synthesis.edits.default_lesion_label`); a vocabulary without such a name
     (e.g. hippocampus) gives its highest data label.
     """
+    from medsynth.data.vocabulary import data_labels
     from medsynth.synthesis.edits import LESION_NAME, default_lesion_label
 
-    labels = {int(k): str(v) for k, v in cfg.data.labels.items()}
+    labels = {int(k): str(v) for k, v in data_labels(cfg).items()}
     configured = cfg.synthesis.lesion_label
     if configured is None and not any(k and LESION_NAME.search(v) for k, v in labels.items()):
         return max(labels)
@@ -117,24 +119,29 @@ def _summary_md(cfg: MedsynthConfig, rep: dict[str, Any]) -> str:
             "size. A ratio means little where the real contrast is near 0.",
         ]
     rl, dv, mm = rep["realism"], rep["diversity"], rep["memorisation"]
+    realism_na = rl.get("na", "n/a")
+    reference_na = rl.get("reference_na", "n/a")
     lines += [
         "",
         "## Realism",
         "",
-        f"- Fréchet distance {rl['fid']:.3f}, KID {rl['kid_mean']:.4f} (in-domain encoder; {rl['note']})",
-        f"- reference (real test vs real train) Fréchet distance {rl.get('reference_fid', float('nan')):.3f}, "
-        f"KID {rl.get('reference_kid_mean', float('nan')):.4f}",
+        f"- Fréchet distance {format_value(rl.get('fid'), 3, realism_na)}, "
+        f"KID {format_value(rl.get('kid_mean'), 4, realism_na)} (in-domain encoder; {rl['note']})",
+        "- reference (real test vs real train) Fréchet distance "
+        f"{format_value(rl.get('reference_fid'), 3, reference_na)}, "
+        f"KID {format_value(rl.get('reference_kid_mean'), 4, reference_na)}",
         "- per-label intensity Wasserstein (real vs synthetic, same masks): "
         + ", ".join(f"{v['name']} {format_value(v.get('wasserstein'))}" for v in rep["intensity_wasserstein"].values()),
         "",
         "## Diversity",
         "",
-        f"- mean pairwise {dv['method']} among seeds of one mask: {dv['mean']:.3f} (1 = identical)",
+        f"- mean pairwise {dv.get('method', 'similarity')} among seeds of one mask: "
+        f"{format_value(dv.get('mean'), 3, dv.get('na', 'n/a'))} (1 = identical)",
         "",
         "## Memorisation",
         "",
         f"- fraction of synthetic images closer to a training image than the {cfg.validation.memorisation_percentile}"
-        f"th percentile of real test images: {mm['fraction_flagged']:.4f}",
+        f"th percentile of real test images: {format_value(mm.get('fraction_flagged'), 4, mm.get('na', 'n/a'))}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -235,7 +242,7 @@ def run_validation(
         f_real,
         f_synth,
         f_ref,
-        kid_subset_size=min(vc.kid_subset_size, len(test)),
+        kid_subset_size=max(min(vc.kid_subset_size, len(test)), 1),
         kid_subsets=vc.kid_subsets,
         seed=vc.seed,
     )
@@ -316,7 +323,9 @@ def reconstruction_quality(gen: MaskGenerator, images: torch.Tensor) -> tuple[di
     from medsynth.training.autoencoder import psnr, reconstruct
 
     rec = reconstruct(gen.ae, images, gen.device).cpu()
-    ssim = SSIMMetric(spatial_dims=images.ndim - 2, data_range=1.0)(rec, images.float())
+    win = min(11, *images.shape[2:])  # MONAI's 11-voxel window, shrunk to the largest odd size tiny images allow
+    win = max(win - (1 - win % 2), 1)
+    ssim = SSIMMetric(spatial_dims=images.ndim - 2, data_range=1.0, win_size=win)(rec, images.float())
     metrics: dict[str, Any] = {
         "psnr_db": psnr(rec, images),
         "ssim": float(ssim.mean()),
@@ -360,8 +369,13 @@ def flat_metrics(rep: dict[str, Any]) -> dict[str, float]:
             m[f"val/ae_{name}_contrast_ratio"] = float(c["ratio"]["value"])
     m["val/ae_psnr_db"] = float(rep["autoencoder"]["psnr_db"])
     m["val/ae_ssim"] = float(rep["autoencoder"]["ssim"])
-    m["val/fid_in_domain"] = float(rep["realism"]["fid"])
-    m["val/kid_in_domain"] = float(rep["realism"]["kid_mean"])
-    m["val/diversity"] = float(rep["diversity"]["mean"])
-    m["val/memorised_fraction"] = float(rep["memorisation"]["fraction_flagged"])
+    optional = {
+        "val/fid_in_domain": rep["realism"].get("fid"),
+        "val/kid_in_domain": rep["realism"].get("kid_mean"),
+        "val/diversity": rep["diversity"].get("mean"),
+        "val/memorised_fraction": rep["memorisation"].get("fraction_flagged"),
+    }
+    for name, v in optional.items():  # "n/a" measurements (too few items) are not logged as metrics
+        if v is not None and math.isfinite(float(v)):
+            m[name] = float(v)
     return m

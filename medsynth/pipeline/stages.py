@@ -151,7 +151,7 @@ def run_preprocess(run: StageRun) -> StageResult:
     staging = pp.staging_dir(plan.cache_dir)
     try:
         results = []
-        for part in run.fan_out(functools.partial(_process_chunk, cfg, str(staging)), chunks):
+        for part in run.fan_out(functools.partial(_process_chunk, plan.cfg, str(staging)), chunks):
             results.extend(part)
             run.progress.advance(len(part))
     except BaseException:

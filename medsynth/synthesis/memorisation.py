@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from medsynth.evaluation.stats import needs
 from medsynth.viz import save_grid, to_2d
 
 Distance = Literal["ncc", "l2", "ssim"]
@@ -149,8 +150,14 @@ class MemorisationResult:
 
     @property
     def fraction_flagged(self) -> float:
-        """Fraction of synthetic images flagged."""
+        """Fraction of synthetic images flagged (NaN when there was no threshold, see ``summary["na"]``)."""
+        if not np.isfinite(self.threshold):
+            return float("nan")
         return float(self.flagged.mean()) if self.flagged.size else float("nan")
+
+
+MIN_TEST_IMAGES = 2
+"""The flagging threshold is a percentile of the real test images' distances: one image gives no distribution."""
 
 
 def memorisation_audit(
@@ -187,8 +194,9 @@ def memorisation_audit(
     sd, si = nearest_distance(synth, train, distance, top_k, chunk)
     td, ti = nearest_distance(test, train, distance, top_k, chunk)
     s_dist, t_dist = sd.double().numpy(), td.double().numpy()
-    thr = float(np.percentile(t_dist, percentile))
-    flagged = s_dist < thr
+    enough = len(t_dist) >= MIN_TEST_IMAGES
+    thr = float(np.percentile(t_dist, percentile)) if enough else float("nan")
+    flagged = s_dist < thr if enough else np.zeros(len(s_dist), dtype=bool)
     sids = [str(x) for x in synth_ids] if synth_ids is not None else [str(i) for i in range(len(s_dist))]
     tids = [str(x) for x in train_ids] if train_ids is not None else [str(i) for i in range(train.shape[0])]
     nearest = si.numpy().astype(np.int64)
@@ -205,15 +213,17 @@ def memorisation_audit(
     summary: dict[str, Any] = {
         "distance": distance,
         "percentile": percentile,
-        "threshold": thr,
-        "fraction_flagged": float(flagged.mean()) if flagged.size else float("nan"),
-        "n_flagged": int(flagged.sum()),
+        "threshold": thr if enough else None,
+        "fraction_flagged": (float(flagged.mean()) if flagged.size else float("nan")) if enough else None,
+        "n_flagged": int(flagged.sum()) if enough else None,
         "n_synth": len(s_dist),
         "n_train": int(train.shape[0]),
         "n_test": len(t_dist),
         "synth_quantiles": {f"p{p:g}": float(np.percentile(s_dist, p)) for p in q},
         "test_quantiles": {f"p{p:g}": float(np.percentile(t_dist, p)) for p in q},
     }
+    if not enough:
+        summary["na"] = needs(MIN_TEST_IMAGES, "real test images for the threshold", len(t_dist))
     if source_ids is not None:
         same = [rows[i]["nearest_train_id"] == str(source_ids[i]) for i in range(len(rows))]
         summary["fraction_nearest_is_source"] = float(np.mean(same)) if same else float("nan")

@@ -183,6 +183,8 @@ def test_cross_field_validation(synth) -> None:
     with pytest.raises(ConfigError, match="labels must contain 0"):
         synth.config({"data": {"root": "x", "labels": {1: "fg"}}})
     with pytest.raises(ConfigError, match="label_remap maps to values"):
-        synth.config({"data": {"root": "x", "label_remap": {255: 9}}})
+        synth.config({"data": {"root": "x", "labels": {0: "bg", 1: "fg"}, "label_remap": {255: 9}}})
+    # no labels declared: the vocabulary is resolved from the data later, so any remap target is fine here
+    assert synth.config({"data": {"root": "x", "label_remap": {255: 9}}}).data.labels == {}
     with pytest.raises(ConfigError, match="lower percentile"):
         synth.config({"data": {"root": "x"}, "preprocess": {"intensity": {"lower": 90, "upper": 10}}})
