@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsynth.evaluation.stats import needs
+from medsynth.na import needs
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 KERNEL = 11

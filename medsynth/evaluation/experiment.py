@@ -85,8 +85,9 @@ from medsynth.evaluation.classifier import (
     youden_threshold,
 )
 from medsynth.evaluation.metrics import dice_per_label
-from medsynth.evaluation.stats import bootstrap_mean, format_value, mean_sd, needs, paired_comparison
+from medsynth.evaluation.stats import bootstrap_mean, format_value, mean_sd, paired_comparison
 from medsynth.fileio import sha256_json, write_atomic, write_text_atomic
+from medsynth.na import needs
 from medsynth.progress import NullProgress, Progress
 from medsynth.tracking.base import NullTracker, Tracker
 from medsynth.training.common import (

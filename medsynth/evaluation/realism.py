@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from medsynth.evaluation.stats import needs
+from medsynth.na import needs
 
 NOT_COMPARABLE = (
     "FID/KID computed on medsynth's in-domain feature encoder (or the user's local weights), not on "

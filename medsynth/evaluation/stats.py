@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+\nfrom medsynth.na import needs
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -52,12 +53,6 @@ class Estimate:
 
 MIN_PATIENTS_CI = 2
 """A bootstrap interval needs at least this many patients (one patient always resamples to itself)."""
-
-
-def needs(n: int, what: str, have: int | None = None) -> str:
-    """The report text of a measurement that had too few items: ``"n/a (needs >= 2 patients, has 1)"``."""
-    got = "" if have is None else f", has {have}"
-    return f"n/a (needs >= {n} {what}{got})"
 
 
 def _json_float(x: float) -> float | None:

@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from medsynth.evaluation.stats import needs
+from medsynth.na import needs
 from medsynth.viz import save_grid, to_2d
 
 Distance = Literal["ncc", "l2", "ssim"]

@@ -95,4 +95,4 @@ def test_hippocampus_subset_preprocess(shared_env, tmp_path: Path) -> None:
             assert set(np.unique(z["mask"]).tolist()) == {0, 1, 2}
             assert spacing_from_affine(z["affine"][it["index"]]) == pytest.approx((1.0, 1.0, 1.0), abs=1e-4)
     out = _invoke(*args)
-    assert "(0 processed, 5 cached, 0 excluded)" in out
+    assert "preprocess: up to date (cached)" in out  # same data, same settings: the stage does not run

@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     "config": 0,
     "checkpoint": 0,
     "device": 0,
+    "na": 0,
     # data, networks, diffusion maths, the tracker interface
     "data": 1,
     "models": 1,
@@ -58,6 +59,7 @@ LAYERS: dict[str, int] = {
     "training": 3,
     "synthesis": 3,
     "evaluation": 4,
+    "planning": 4,
     "report": 5,
     "pipeline": 6,
     "cli_stages": 7,
