@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-\nfrom medsynth.na import needs
+
+from medsynth.na import needs
 
 FloatArray = npt.NDArray[np.float64]
 
