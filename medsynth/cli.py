@@ -34,9 +34,10 @@ config_app = typer.Typer(help="Configuration: show a resolved config, print the 
 app.add_typer(config_app, name="config")
 
 _STATE: dict[str, Any] = {"verbose": False}
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
-ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="YAML config file (see configs/).")]
+ConfigArg = Annotated[
+    Path, typer.Option("--config", "-c", help="YAML config file, or the name of a shipped config (demo, lgg-2d, ...).")
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config key: --set preprocess.spacing=[1,1,1] (repeatable)."),
@@ -53,18 +54,30 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from medsynth.provenance import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and full tracebacks.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     _STATE["verbose"] = verbose
     _setup_logging(verbose)
 
 
-def _load(config: Path, overrides: list[str] | None) -> Any:
+def _load(config: Path | None, overrides: list[str] | None) -> Any:
     from medsynth.config import load_config
+    from medsynth.config.shipped import resolve_config
 
-    return load_config(config, overrides or [])
+    return load_config(resolve_config(config), overrides or [])
 
 
 @data_app.command("check")
@@ -301,7 +314,7 @@ def ui_cmd(
     """Start the MLflow UI on loopback for the project's tracking store and print its address."""
     import subprocess
 
-    cfg = _load(config or DEMO_CONFIG, [])
+    cfg = _load(config, [])
     from medsynth.tracking.mlflow_store import artifact_location, tracking_uri
 
     uri = tracking_uri(cfg)
@@ -338,7 +351,7 @@ def runs_cmd(
     from medsynth.tracking.mlflow_store import tracking_uri
     from medsynth.tracking.query import load_pipeline
 
-    cfg = _load(config or DEMO_CONFIG, [])
+    cfg = _load(config, [])
     rec = load_pipeline(tracking_uri(cfg), cfg.tracking.experiment or cfg.name)
     p = rec.parent
     typer.echo(f"experiment {rec.experiment} ({rec.tracking_uri})")
@@ -410,9 +423,9 @@ def run(
     import importlib
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    cfg_path = config or DEMO_CONFIG
-    if not cfg_path.is_file():
-        raise MedsynthError(f"{cfg_path}: config file does not exist")
+    from medsynth.config.shipped import resolve_config
+
+    cfg_path = resolve_config(config)
     _load(cfg_path, set_)  # fail fast on config errors, before Prefect starts
     pipeline = importlib.import_module("flows.pipeline")
     result = pipeline.pipeline_flow(str(cfg_path), list(set_ or []))

@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param
 
 from medsynth.config.loader import config_dict, flatten, save_resolved
 from medsynth.config.schema import MedsynthConfig
+from medsynth.provenance import provenance_tags
 
 log = logging.getLogger(__name__)
 MAX_PARAM = 6000
@@ -95,7 +96,7 @@ class MlflowSession:
 
     def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> MlflowTracker:
         """Create a run (nested under ``parent_id`` when given)."""
-        all_tags = {"medsynth.config": self.cfg.name, **(tags or {})}
+        all_tags = {"medsynth.config": self.cfg.name, **provenance_tags(config_dict(self.cfg)), **(tags or {})}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
