@@ -248,7 +248,10 @@ def synthesize_cmd(
     edits: Annotated[str | None, typer.Option(help="Comma-separated edits: none, flip, elastic, transplant.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     model: Annotated[
-        str | None, typer.Option(help="Registered generator (models:/<name>/<version>) instead of the config's runs.")
+        str | None,
+        typer.Option(
+            help="Registered generator (models:/<name>/<version> or models:/<name>@<alias>) instead of local runs."
+        ),
     ] = None,
     device: DeviceOpt = None,
 ) -> None:
@@ -290,6 +293,23 @@ def validate_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = Non
     md = Path(out["report"]).with_name("validation_summary.md")
     if md.is_file():
         typer.echo(md.read_text(encoding="utf-8"))
+
+
+@app.command("promote")
+def promote_cmd(
+    config: ConfigArg,
+    alias: Annotated[str, typer.Option(help="Registry alias to set.")] = "champion",
+    version: Annotated[str | None, typer.Option(help="Version (default: newest with the validated weights).")] = None,
+    min_dice_ratio: Annotated[float, typer.Option(help="Lowest Dice ratio synthetic/real of any label.")] = 0.5,
+    max_memorised: Annotated[float, typer.Option(help="Highest fraction of images flagged as memorised.")] = 0.05,
+    set_: SetOpt = None,
+) -> None:
+    """Set a registry alias (models:/<name>@<alias>) on the generator once its validation report passes."""
+    from medsynth.tracking.promote import promote
+
+    done = promote(_load(config, set_), alias, version, min_dice_ratio, max_memorised)
+    checks = ", ".join(f"{k}={v}" for k, v in done.checks.items())
+    typer.echo(f"{done.uri} -> version {done.version} ({checks})")
 
 
 @app.command("experiment")

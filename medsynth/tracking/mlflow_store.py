@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +24,9 @@ from mlflow.entities import Metric, Param
 
 from medsynth.config.loader import config_dict, flatten, save_resolved
 from medsynth.config.schema import MedsynthConfig
+from medsynth.errors import ConfigError
 from medsynth.provenance import provenance_tags
+from medsynth.tracking.pyfunc import PYFUNC_KINDS, bundle_in, save_pyfunc
 
 log = logging.getLogger(__name__)
 MAX_PARAM = 6000
@@ -129,13 +133,22 @@ class MlflowSession:
     def register(self, tracker: MlflowTracker, network: str, folder: str | Path) -> str | None:
         """Log a checkpoint folder (safetensors + JSON) and register it as a model version.
 
+        The ``generator`` bundle and the ``segmenter`` checkpoint are logged as MLflow pyfunc models
+        (:mod:`medsynth.tracking.pyfunc`: ``mlflow.pyfunc.load_model(uri).predict(...)``); the other
+        networks as plain checkpoint folders.
+
         Returns:
             ``models:/<name>/<version>``, or None when registration is off.
         """
-        tracker.log_artifact(folder, f"models/{network}")
+        if network in PYFUNC_KINDS:
+            with tempfile.TemporaryDirectory() as tmp:
+                model_dir = save_pyfunc(network, self.cfg, folder, Path(tmp) / network)
+                tracker.log_artifact(model_dir, f"models/{network}")
+        else:
+            tracker.log_artifact(folder, f"models/{network}")
         if not self.cfg.tracking.register_models:
             return None
-        name = f"{self.cfg.tracking.model_prefix}-{self.cfg.name}-{network}"
+        name = registered_name(self.cfg, network)
         try:
             self.client.get_registered_model(name)
         except mlflow.exceptions.MlflowException:
@@ -147,15 +160,61 @@ class MlflowSession:
         return f"models:/{name}/{mv.version}"
 
 
+def registered_name(cfg: MedsynthConfig, network: str) -> str:
+    """Registry name of a config's network: ``<model_prefix>-<config name>-<network>``."""
+    return f"{cfg.tracking.model_prefix}-{cfg.name}-{network}"
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/<name>/<version>`` -> (name, version, None); ``models:/<name>@<alias>`` -> (name, None, alias).
+
+    Raises:
+        ConfigError: Any other form.
+    """
+    body = uri.removeprefix("models:/")
+    if uri.startswith("models:/") and "@" in body and "/" not in body:
+        name, alias = body.split("@", 1)
+        if name and alias:
+            return name, None, alias
+    elif uri.startswith("models:/") and "/" in body:
+        name, version = body.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, version, None
+    raise ConfigError("command line", f"{uri}: expected models:/<name>/<version> or models:/<name>@<alias>")
+
+
+def resolve_version(client: MlflowClient, uri: str) -> tuple[str, str]:
+    """(name, version) of a ``models:/`` URI; an alias is looked up in the registry.
+
+    Raises:
+        ConfigError: Malformed URI, or an unknown model, version or alias (named in the message).
+    """
+    name, version, alias = parse_model_uri(uri)
+    try:
+        if alias is not None:
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        client.get_model_version(name, str(version))
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError("command line", f"{uri}: not in the registry ({exc.message})") from None
+    return name, str(version)
+
+
 def download_model(uri: str, dst: str | Path, tracking: str | None = None) -> Path:
-    """Download a registered model version (``models:/<name>/<version>``) into ``dst``."""
+    """Download a registered model version (``models:/<name>/<version>`` or ``models:/<name>@<alias>``).
+
+    Returns:
+        The medsynth bundle inside it (``config.json`` + safetensors checkpoints): ``artifacts/bundle`` of a
+        pyfunc model, or the folder itself for versions registered as plain folders.
+    """
     client = MlflowClient(tracking) if tracking else MlflowClient()
-    if not uri.startswith("models:/"):
-        raise ValueError(f"{uri}: expected models:/<name>/<version>")
-    name, version = uri.removeprefix("models:/").rsplit("/", 1)
+    name, version = resolve_version(client, uri)
     source = client.get_model_version_download_uri(name, version)
-    path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst))
-    return Path(path)
+    out = Path(dst)
+    if out.exists():  # an alias may have moved since the last download: never mix versions
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(out), tracking_uri=tracking)
+    return bundle_in(path)
 
 
 @contextmanager
