@@ -20,7 +20,9 @@ from flows.synthesize import synthesize_flow
 from flows.train import train_flow
 from flows.validate import validate_flow
 from medsynth.config.loader import load_config
+from medsynth.config.schema import MedsynthConfig
 from medsynth.fileio import write_json_atomic
+from medsynth.locking import config_run
 from medsynth.tracking.stage import finish_pipeline, start_pipeline
 
 
@@ -28,6 +30,11 @@ from medsynth.tracking.stage import finish_pipeline, start_pipeline
 def pipeline_flow(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run every stage of the pipeline for a config; returns a summary per stage."""
     cfg = load_config(config_path, overrides or [])
+    with config_run(cfg):  # one run per output folder; recovers a killed run's leftovers
+        return _pipeline(cfg, config_path, overrides)
+
+
+def _pipeline(cfg: MedsynthConfig, config_path: str, overrides: list[str] | None) -> dict[str, Any]:
     cfg_json = cfg.model_dump(mode="json")
     parent = start_pipeline(cfg)
     out: dict[str, Any] = {"mlflow_parent_run": parent}

@@ -80,6 +80,13 @@ def _load(config: Path | None, overrides: list[str] | None) -> Any:
     return load_config(resolve_config(config), overrides or [])
 
 
+def _exclusive(cfg: Any) -> Any:
+    """The config's output lock + recovery of a killed run (:func:`medsynth.locking.config_run`)."""
+    from medsynth.locking import config_run
+
+    return config_run(cfg)
+
+
 @data_app.command("check")
 def data_check(
     target: Annotated[str, typer.Argument(help="A YAML config, or a dataset folder / CSV manifest.")],
@@ -156,9 +163,10 @@ def preprocess(
     from medsynth.progress import progress_for
 
     cfg = _load(config, set_)
-    the_plan = plan(cfg, cache_dir)
-    with progress_for(len(the_plan.todo), "preprocessing") as prog:
-        s = run_preprocess(cfg, cache_dir, prog, the_plan)
+    with _exclusive(cfg):
+        the_plan = plan(cfg, cache_dir)
+        with progress_for(len(the_plan.todo), "preprocessing") as prog:
+            s = run_preprocess(cfg, cache_dir, prog, the_plan)
     typer.echo(
         f"{s.n_cases} cases ({s.n_processed} processed, {s.n_cached} cached, {len(s.excluded)} excluded) -> "
         f"{s.n_items} items in {s.cache_dir} [{s.seconds:.1f}s]"
@@ -199,7 +207,7 @@ def _train(stage: str, config: Path, set_: list[str] | None, resume: bool, devic
     cfg = _load(config, set_)
     section = {"autoencoder": cfg.autoencoder, "diffusion": cfg.diffusion, "controlnet": cfg.controlnet}[stage]
     fn = {"autoencoder": stages.run_autoencoder, "diffusion": stages.run_unet, "controlnet": stages.run_controlnet}
-    with progress_for(section.train.steps, f"train {stage}") as prog:
+    with _exclusive(cfg), progress_for(section.train.steps, f"train {stage}") as prog:
         out = fn[stage](cfg, resume=resume, progress=prog, device=device)
     typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()))
 
@@ -217,7 +225,9 @@ def train_latents_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt 
     """Encode the train/val splits once with the trained autoencoder (latent means)."""
     from medsynth import stages
 
-    typer.echo(stages.run_encode(_load(config, set_), device=device))
+    cfg = _load(config, set_)
+    with _exclusive(cfg):
+        typer.echo(stages.run_encode(cfg, device=device))
 
 
 @train_app.command("diffusion")
@@ -266,7 +276,7 @@ def synthesize_cmd(
     if edits:
         extra.append(f"synthesis.edits=[{edits}]")
     cfg = _load(config, extra)
-    with progress_for(0, "synthesising") as prog:
+    with _exclusive(cfg), progress_for(0, "synthesising") as prog:
         if model:
             out_json = stages.synthesize_from_model(cfg, model, out, overwrite=overwrite, progress=prog, device=device)
         else:
@@ -283,12 +293,13 @@ def validate_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = Non
     from medsynth.progress import progress_for
 
     cfg = _load(config, set_)
-    with progress_for(cfg.segmenter.train.steps, "train segmenter") as prog:
-        stages.run_segmenter(cfg, progress=prog, device=device)
-    with progress_for(cfg.validation.features.train.steps, "train feature encoder") as prog:
-        stages.run_features(cfg, progress=prog, device=device)
-    with progress_for(0, "validating") as prog:
-        out = stages.run_validate(cfg, progress=prog, device=device)
+    with _exclusive(cfg):
+        with progress_for(cfg.segmenter.train.steps, "train segmenter") as prog:
+            stages.run_segmenter(cfg, progress=prog, device=device)
+        with progress_for(cfg.validation.features.train.steps, "train feature encoder") as prog:
+            stages.run_features(cfg, progress=prog, device=device)
+        with progress_for(0, "validating") as prog:
+            out = stages.run_validate(cfg, progress=prog, device=device)
     typer.echo(f"report: {out['report']}")
     md = Path(out["report"]).with_name("validation_summary.md")
     if md.is_file():
@@ -321,7 +332,7 @@ def experiment_cmd(config: ConfigArg, set_: SetOpt = None, device: DeviceOpt = N
     from medsynth.progress import progress_for
 
     cfg = _load(config, set_)
-    with progress_for(len(grid_cells(cfg)), "experiment grid") as prog:
+    with _exclusive(cfg), progress_for(len(grid_cells(cfg)), "experiment grid") as prog:
         out = stages.run_experiment(cfg, progress=prog, device=device)
     typer.echo(Path(out["summary_md"]).read_text(encoding="utf-8"))
 

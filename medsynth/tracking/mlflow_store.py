@@ -26,10 +26,10 @@ from medsynth.config.loader import config_dict, flatten, save_resolved
 from medsynth.config.schema import MedsynthConfig
 from medsynth.errors import ConfigError
 from medsynth.provenance import provenance_tags
-from medsynth.tracking.pyfunc import PYFUNC_KINDS, bundle_in, save_pyfunc
 
 log = logging.getLogger(__name__)
 MAX_PARAM = 6000
+OUTPUT_TAG = "medsynth.output_root"
 
 
 def tracking_uri(cfg: MedsynthConfig) -> str:
@@ -100,7 +100,12 @@ class MlflowSession:
 
     def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> MlflowTracker:
         """Create a run (nested under ``parent_id`` when given)."""
-        all_tags = {"medsynth.config": self.cfg.name, **provenance_tags(config_dict(self.cfg)), **(tags or {})}
+        all_tags = {
+            "medsynth.config": self.cfg.name,
+            OUTPUT_TAG: str((Path(self.cfg.output_dir) / self.cfg.name).resolve()),
+            **provenance_tags(config_dict(self.cfg)),
+            **(tags or {}),
+        }
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -140,6 +145,8 @@ class MlflowSession:
         Returns:
             ``models:/<name>/<version>``, or None when registration is off.
         """
+        from medsynth.tracking.pyfunc import PYFUNC_KINDS, save_pyfunc  # mlflow.pyfunc: only when registering
+
         if network in PYFUNC_KINDS:
             with tempfile.TemporaryDirectory() as tmp:
                 model_dir = save_pyfunc(network, self.cfg, folder, Path(tmp) / network)
@@ -206,6 +213,8 @@ def download_model(uri: str, dst: str | Path, tracking: str | None = None) -> Pa
         The medsynth bundle inside it (``config.json`` + safetensors checkpoints): ``artifacts/bundle`` of a
         pyfunc model, or the folder itself for versions registered as plain folders.
     """
+    from medsynth.tracking.pyfunc import bundle_in
+
     client = MlflowClient(tracking) if tracking else MlflowClient()
     name, version = resolve_version(client, uri)
     source = client.get_model_version_download_uri(name, version)
@@ -215,6 +224,26 @@ def download_model(uri: str, dst: str | Path, tracking: str | None = None) -> Pa
     out.mkdir(parents=True)
     path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(out), tracking_uri=tracking)
     return bundle_in(path)
+
+
+def mark_interrupted_runs(cfg: MedsynthConfig) -> int:
+    """Mark the config's runs still RUNNING (tagged with its output folder) as KILLED; returns how many.
+
+    Call it only while holding the config's output lock (:func:`medsynth.locking.config_run`): no live
+    process can then own such a run.
+    """
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment or cfg.name)
+    if exp is None:
+        return 0
+    root = str((Path(cfg.output_dir) / cfg.name).resolve())
+    running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+    runs = [r for r in running if r.data.tags.get(OUTPUT_TAG) == root]
+    for run in runs:
+        client.set_tag(run.info.run_id, "medsynth.interrupted", "marked KILLED at the next start of this config")
+        client.set_terminated(run.info.run_id, "KILLED")
+    return len(runs)
 
 
 @contextmanager
