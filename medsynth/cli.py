@@ -342,35 +342,19 @@ def ui_cmd(
     config: Annotated[Path | None, typer.Argument(help="Config whose store to serve (default: the demo).")] = None,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 ) -> None:
-    """Start the MLflow UI on loopback for the project's tracking store and print its address."""
-    import subprocess
+    """Start the MLflow UI on loopback for the project's tracking store and print its address.
+
+    Ctrl-C / SIGTERM stop the server (forwarded to it); with no store where the config puts it, the
+    command says where it looked and exits non-zero.
+    """
+    from medsynth.tracking.server import SERVER_ENV, run_forwarding, ui_command
 
     cfg = _load(config, [])
-    from medsynth.tracking.mlflow_store import artifact_location, tracking_uri
-
-    uri = tracking_uri(cfg)
-    if not uri.startswith("sqlite:"):
-        raise MedsynthError(f"{uri}: tracking points at a server already; open it in a browser")
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    art = artifact_location(cfg)
-    if art:
-        cmd += ["--default-artifact-root", art]
-    typer.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    subprocess.run(cmd, check=False, env=env)
+    cmd = ui_command(cfg, port)
+    typer.echo(f"MLflow UI for {cmd[cmd.index('--backend-store-uri') + 1]}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    rc = run_forwarding(cmd, {**os.environ, **SERVER_ENV})
+    if rc:
+        raise typer.Exit(rc)
 
 
 @app.command("runs")
