@@ -357,6 +357,55 @@ def ui_cmd(
         raise typer.Exit(rc)
 
 
+@app.command("server")
+def server_cmd(
+    backend_store_uri: Annotated[
+        str, typer.Option(help="Tracking + registry database, e.g. postgresql+psycopg2://mlflow@127.0.0.1:5432/mlflow.")
+    ],
+    artifacts_destination: Annotated[
+        Path, typer.Option(help="Folder where the server stores artifacts (served to clients through it).")
+    ] = Path("mlartifacts-server"),
+    host: Annotated[str, typer.Option(help="Interface to bind (loopback; use a TLS reverse proxy for a team).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    workers: Annotated[int, typer.Option(help="Server worker processes.")] = 2,
+    auth_db_uri: Annotated[
+        str | None, typer.Option(help="Users/permissions database (default: the backend store).")
+    ] = None,
+    default_permission: Annotated[
+        str, typer.Option(help="Permission of logged-in users on others' resources: READ, EDIT, NO_PERMISSIONS.")
+    ] = "READ",
+    allowed_hosts: Annotated[
+        str | None, typer.Option(help="Comma-separated Host headers accepted (the proxy's public name).")
+    ] = None,
+) -> None:
+    """Start the team tracking server: MLflow with a database store, served artifacts and basic-auth logins.
+
+    The admin password comes from $MLFLOW_AUTH_ADMIN_PASSWORD (never the command line); see docs/scaling.md.
+    """
+    import tempfile
+
+    from medsynth.tracking.server import (
+        LOOPBACK,
+        run_forwarding,
+        team_server_command,
+        team_server_env,
+        write_auth_config,
+    )
+
+    if host not in LOOPBACK:
+        typer.secho(f"warning: binding {host}: serve it only behind a TLS reverse proxy (docs/scaling.md)", err=True)
+    with tempfile.TemporaryDirectory(prefix="medsynth-auth-") as tmp:
+        ini = write_auth_config(Path(tmp) / "auth.ini", auth_db_uri or backend_store_uri, "admin", default_permission)
+        env = team_server_env(ini)
+        cmd = team_server_command(backend_store_uri, artifacts_destination, host, port, workers, allowed_hosts)
+        typer.echo(f"MLflow team server on http://{host}:{port} (basic auth; Ctrl-C to stop)")
+        rc = run_forwarding(cmd, env)
+    if rc:
+        raise typer.Exit(rc)
+
+
 @app.command("runs")
 def runs_cmd(
     config: Annotated[Path | None, typer.Argument(help="Config whose runs to list (default: the demo).")] = None,
