@@ -490,9 +490,10 @@ def run(
     from medsynth.config.shipped import resolve_config
 
     cfg_path = resolve_config(config)
-    _load(cfg_path, set_)  # fail fast on config errors, before Prefect starts
-    pipeline = importlib.import_module("flows.pipeline")
-    result = pipeline.pipeline_flow(str(cfg_path), list(set_ or []))
+    cfg = _load(cfg_path, set_)  # fail fast on config errors, before Prefect starts
+    with _exclusive(cfg):  # and on a run of the same config in progress (the flow takes the lock again)
+        pipeline = importlib.import_module("flows.pipeline")
+        result = pipeline.pipeline_flow(str(cfg_path), list(set_ or []))
     typer.echo(f"pipeline finished: {result}")
 
 

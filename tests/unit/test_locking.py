@@ -76,8 +76,10 @@ def test_second_run_fails_fast_naming_the_holder_then_recovers_after_a_kill(tmp_
             pass
         assert time.monotonic() - t0 < 5
         assert f"PID {proc.pid} on host {socket.gethostname()}" in str(err.value)
-        res = CliRunner().invoke(app, ["train", "autoencoder", "-c", str(cfg_path)])  # every writing command
-        assert isinstance(res.exception, OutputLockedError) and f"PID {proc.pid}" in str(res.exception)
+        for cmd in (["train", "autoencoder", "-c"], ["run"], ["synthesize", "--out", str(tmp_path / "s"), "-c"]):
+            res = CliRunner().invoke(app, [*cmd, str(cfg_path)])  # every writing command, before any work
+            assert isinstance(res.exception, OutputLockedError) and f"PID {proc.pid}" in str(res.exception), cmd
+        assert time.monotonic() - t0 < 30
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
