@@ -232,7 +232,12 @@ def mark_interrupted_runs(cfg: MedsynthConfig) -> int:
     Call it only while holding the config's output lock (:func:`medsynth.locking.config_run`): no live
     process can then own such a run.
     """
-    uri = tracking_uri(cfg)
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:  # the default local store: nothing to mark (and nothing created) when it does not exist
+        db = (Path(cfg.output_dir) / "mlflow.db").resolve()
+        if not db.is_file():
+            return 0
+        uri = f"sqlite:///{db}"
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment or cfg.name)
     if exp is None:
