@@ -32,6 +32,13 @@ MAX_PARAM = 6000
 OUTPUT_TAG = "medsynth.output_root"
 
 
+def output_root_tag(cfg: MedsynthConfig) -> str:
+    """``<host>:<absolute output folder>`` of a config's runs: which runs a killed execution on this host left."""
+    import socket
+
+    return f"{socket.gethostname()}:{(Path(cfg.output_dir) / cfg.name).resolve()}"
+
+
 def tracking_uri(cfg: MedsynthConfig) -> str:
     """The tracking URI: config, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir>/mlflow.db``."""
     if cfg.tracking.uri:
@@ -102,7 +109,7 @@ class MlflowSession:
         """Create a run (nested under ``parent_id`` when given)."""
         all_tags = {
             "medsynth.config": self.cfg.name,
-            OUTPUT_TAG: str((Path(self.cfg.output_dir) / self.cfg.name).resolve()),
+            OUTPUT_TAG: output_root_tag(self.cfg),
             **provenance_tags(config_dict(self.cfg)),
             **(tags or {}),
         }
@@ -242,7 +249,7 @@ def mark_interrupted_runs(cfg: MedsynthConfig) -> int:
     exp = client.get_experiment_by_name(cfg.tracking.experiment or cfg.name)
     if exp is None:
         return 0
-    root = str((Path(cfg.output_dir) / cfg.name).resolve())
+    root = output_root_tag(cfg)
     running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
     runs = [r for r in running if r.data.tags.get(OUTPUT_TAG) == root]
     for run in runs:
