@@ -15,7 +15,9 @@ from prefect import flow
 
 from flows.stage import run_stage_prefect
 from medsynth.config.loader import load_config
+from medsynth.config.schema import MedsynthConfig
 from medsynth.fileio import write_json_atomic
+from medsynth.locking import config_run
 from medsynth.pipeline import stage_order, upstream_closure
 from medsynth.tracking.stage import finish_pipeline, log_headline, start_pipeline
 
@@ -30,6 +32,11 @@ def pipeline_flow(
         The MLflow parent run id and each stage's summary (``cached``, ``result``, run ids).
     """
     cfg = load_config(config_path, overrides or [])
+    with config_run(cfg):  # one run per output folder; recovers a killed run's leftovers
+        return _pipeline(cfg, stages)
+
+
+def _pipeline(cfg: MedsynthConfig, stages: list[str] | None) -> dict[str, Any]:
     cfg_json = cfg.model_dump(mode="json")
     if stages:
         wanted = {s.name for name in stages for s in upstream_closure(name)}

@@ -34,9 +34,10 @@ config_app = typer.Typer(help="Configuration: show a resolved config, print the 
 app.add_typer(config_app, name="config")
 
 _STATE: dict[str, Any] = {"verbose": False}
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
-ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="YAML config file (see configs/).")]
+ConfigArg = Annotated[
+    Path, typer.Option("--config", "-c", help="YAML config file, or the name of a shipped config (demo, lgg-2d, ...).")
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config key: --set preprocess.spacing=[1,1,1] (repeatable)."),
@@ -53,18 +54,37 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from medsynth.provenance import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and full tracebacks.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     _STATE["verbose"] = verbose
     _setup_logging(verbose)
 
 
-def _load(config: Path, overrides: list[str] | None) -> Any:
+def _load(config: Path | None, overrides: list[str] | None) -> Any:
     from medsynth.config import load_config
+    from medsynth.config.shipped import resolve_config
 
-    return load_config(config, overrides or [])
+    return load_config(resolve_config(config), overrides or [])
+
+
+def _exclusive(cfg: Any) -> Any:
+    """The config's output lock + recovery of a killed run (:func:`medsynth.locking.config_run`)."""
+    from medsynth.locking import config_run
+
+    return config_run(cfg)
 
 
 @data_app.command("check")
@@ -244,40 +264,90 @@ def status_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
         typer.echo(f"{stage.name:<12} {root / stage.folder_name!s:<50} {state}")
 
 
+@app.command("promote")
+def promote_cmd(
+    config: ConfigArg,
+    alias: Annotated[str, typer.Option(help="Registry alias to set.")] = "champion",
+    version: Annotated[str | None, typer.Option(help="Version (default: newest with the validated weights).")] = None,
+    min_dice_ratio: Annotated[float, typer.Option(help="Lowest Dice ratio synthetic/real of any label.")] = 0.5,
+    max_memorised: Annotated[float, typer.Option(help="Highest fraction of images flagged as memorised.")] = 0.05,
+    set_: SetOpt = None,
+) -> None:
+    """Set a registry alias (models:/<name>@<alias>) on the generator once its validation report passes."""
+    from medsynth.pipeline.promote import promote
+
+    done = promote(_load(config, set_), alias, version, min_dice_ratio, max_memorised)
+    checks = ", ".join(f"{k}={v}" for k, v in done.checks.items())
+    typer.echo(f"{done.uri} -> version {done.version} ({checks})")
+
+
 @app.command("ui")
 def ui_cmd(
     config: Annotated[Path | None, typer.Argument(help="Config whose store to serve (default: the demo).")] = None,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 ) -> None:
-    """Start the MLflow UI on loopback for the project's tracking store and print its address."""
-    import subprocess
+    """Start the MLflow UI on loopback for the project's tracking store and print its address.
 
-    cfg = _load(config or DEMO_CONFIG, [])
-    from medsynth.tracking.mlflow_store import artifact_location, tracking_uri
+    Ctrl-C / SIGTERM stop the server (forwarded to it); with no store where the config puts it, the
+    command says where it looked and exits non-zero.
+    """
+    from medsynth.tracking.server import SERVER_ENV, run_forwarding, ui_command
 
-    uri = tracking_uri(cfg)
-    if not uri.startswith("sqlite:"):
-        raise MedsynthError(f"{uri}: tracking points at a server already; open it in a browser")
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    art = artifact_location(cfg)
-    if art:
-        cmd += ["--default-artifact-root", art]
-    typer.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    subprocess.run(cmd, check=False, env=env)
+    cfg = _load(config, [])
+    cmd = ui_command(cfg, port)
+    typer.echo(f"MLflow UI for {cmd[cmd.index('--backend-store-uri') + 1]}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    rc = run_forwarding(cmd, {**os.environ, **SERVER_ENV})
+    if rc:
+        raise typer.Exit(rc)
+
+
+@app.command("server")
+def server_cmd(
+    backend_store_uri: Annotated[
+        str, typer.Option(help="Tracking + registry database, e.g. postgresql+psycopg2://mlflow@127.0.0.1:5432/mlflow.")
+    ],
+    artifacts_destination: Annotated[
+        Path, typer.Option(help="Folder where the server stores artifacts (served to clients through it).")
+    ] = Path("mlartifacts-server"),
+    host: Annotated[str, typer.Option(help="Interface to bind (loopback; use a TLS reverse proxy for a team).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    workers: Annotated[int, typer.Option(help="Server worker processes.")] = 2,
+    auth_db_uri: Annotated[
+        str | None, typer.Option(help="Users/permissions database (default: the backend store).")
+    ] = None,
+    default_permission: Annotated[
+        str, typer.Option(help="Permission of logged-in users on others' resources: READ, EDIT, NO_PERMISSIONS.")
+    ] = "READ",
+    allowed_hosts: Annotated[
+        str | None, typer.Option(help="Comma-separated Host headers accepted (the proxy's public name).")
+    ] = None,
+) -> None:
+    """Start the team tracking server: MLflow with a database store, served artifacts and basic-auth logins.
+
+    The admin password comes from $MLFLOW_AUTH_ADMIN_PASSWORD (never the command line); see docs/scaling.md.
+    """
+    import tempfile
+
+    from medsynth.tracking.server import (
+        LOOPBACK,
+        run_forwarding,
+        team_server_command,
+        team_server_env,
+        write_auth_config,
+    )
+
+    if host not in LOOPBACK:
+        typer.secho(f"warning: binding {host}: serve it only behind a TLS reverse proxy (docs/scaling.md)", err=True)
+    with tempfile.TemporaryDirectory(prefix="medsynth-auth-") as tmp:
+        ini = write_auth_config(Path(tmp) / "auth.ini", auth_db_uri or backend_store_uri, "admin", default_permission)
+        env = team_server_env(ini)
+        cmd = team_server_command(backend_store_uri, artifacts_destination, host, port, workers, allowed_hosts)
+        typer.echo(f"MLflow team server on http://{host}:{port} (basic auth; Ctrl-C to stop)")
+        rc = run_forwarding(cmd, env)
+    if rc:
+        raise typer.Exit(rc)
 
 
 @app.command("runs")
@@ -289,7 +359,7 @@ def runs_cmd(
     from medsynth.tracking.mlflow_store import tracking_uri
     from medsynth.tracking.query import load_pipeline
 
-    cfg = _load(config or DEMO_CONFIG, [])
+    cfg = _load(config, [])
     rec = load_pipeline(tracking_uri(cfg), cfg.tracking.experiment or cfg.name)
     p = rec.parent
     typer.echo(f"experiment {rec.experiment} ({rec.tracking_uri})")
@@ -361,12 +431,13 @@ def run(
     import importlib
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    cfg_path = config or DEMO_CONFIG
-    if not cfg_path.is_file():
-        raise MedsynthError(f"{cfg_path}: config file does not exist")
-    _load(cfg_path, set_)  # fail fast on config errors, before Prefect starts
-    pipeline = importlib.import_module("flows.pipeline")
-    result = pipeline.pipeline_flow(str(cfg_path), list(set_ or []))
+    from medsynth.config.shipped import resolve_config
+
+    cfg_path = resolve_config(config)
+    cfg = _load(cfg_path, set_)  # fail fast on config errors, before Prefect starts
+    with _exclusive(cfg):  # and on a run of the same config in progress (the flow takes the lock again)
+        pipeline = importlib.import_module("flows.pipeline")
+        result = pipeline.pipeline_flow(str(cfg_path), list(set_ or []))
     typer.echo(f"pipeline finished: {result}")
 
 

@@ -50,3 +50,27 @@ class OutputExistsError(MedsynthError, FileExistsError):
         self.path = str(path)
         self.hint = "pass --overwrite to replace it, or choose another output folder"
         super().__init__(f"{self.path}: output already exists")
+
+
+class NonFiniteLossError(MedsynthError, FloatingPointError):
+    """A training loss (or its gradient norm) became NaN/inf: the stage stops before the bad update.
+
+    Checkpoints already on disk were written from finite updates and are kept; a resumed run
+    continues from the latest of them.
+
+    Args:
+        what: ``loss`` or ``gradient norm``.
+        value: The non-finite value.
+        step: 0-based optimiser step at which it happened (None when unknown).
+        where: The stage's run folder (None when unknown).
+    """
+
+    def __init__(self, what: str, value: float, step: int | None = None, where: str | Path | None = None) -> None:
+        self.step, self.where = step, where
+        at = f" at step {step + 1}" if step is not None else ""
+        loc = f"{where}: " if where is not None else ""
+        self.hint = "lower train.lr, set train.grad_clip, or check the data; then resume (--resume)"
+        super().__init__(
+            f"{loc}non-finite {what} ({value}){at}: training stopped before the update; "
+            "the last good checkpoint is kept"
+        )

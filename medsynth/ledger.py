@@ -57,9 +57,11 @@ class ItemLedger:
     def record(self, item_id: str, record: dict[str, Any] | None = None) -> None:
         """Append one finished item (durable before it returns)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        needs_newline = (
-            self.path.is_file() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
-        )
+        needs_newline = False
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as fh:  # only the last byte: appends stay O(1) on long ledgers
+                fh.seek(-1, os.SEEK_END)
+                needs_newline = fh.read(1) != b"\n"
         line = json.dumps({"key": self.key, "item": item_id, "record": record or {}}, default=_default)
         with open(self.path, "a", encoding="utf-8") as fh:
             if needs_newline:

@@ -375,10 +375,11 @@ def commit(
             f.replace(cache / f.relative_to(staging))
         write_json_atomic(cache / "cases" / f"{r.case.case_id}.json", r.meta)
     shutil.rmtree(staging, ignore_errors=True)
-    keep = {f"{w.case.case_id}{ext}" for w in plan_.work for ext in (".npz", ".json")}
-    for f in (cache / "cases").iterdir():  # cases no longer in the dataset
-        if f.name not in keep:
-            f.unlink()
+    if not cfg.data.include:  # a subset run (data.include) never prunes the cache of the full dataset
+        keep = {f"{w.case.case_id}{ext}" for w in plan_.work for ext in (".npz", ".json")}
+        for f in (cache / "cases").iterdir():  # cases no longer in the dataset
+            if f.name not in keep:
+                f.unlink()
     cases = [w.case for w in plan_.work]
     split_of = {c.case_id: c.split for c in cases}
     items = [{**it, "split": split_of[m["case"]["case_id"]]} for m in metas for it in m["items"]]

@@ -180,7 +180,7 @@ def train_feature_encoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: Stage
         enc.train()
         with autocast(dev, oc.amp):
             loss = F.mse_loss(enc(x).float(), target)
-        optimizer_step(loss, enc, opt, sched, oc.grad_clip)
+        optimizer_step(loss, enc, opt, sched, oc.grad_clip, step=step, where=ctx.run_dir)
         # --- logging, validation, checkpoints ---
         done, loss_v = step + 1, float(loss.detach())
         ctx.progress.advance(1, f"loss={loss_v:.4f}")

@@ -292,7 +292,7 @@ def train_segmenter(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageContex
             logits = model(x)
         loss = loss_fn(logits.float(), y)
         # --- update: clip, step, warm-up schedule, EMA ---
-        optimizer_step(loss, net, opt, sched, oc.grad_clip, ema)
+        optimizer_step(loss, net, opt, sched, oc.grad_clip, ema, step=step, where=ctx.run_dir)
         # --- logging, validation Dice, checkpoints ---
         done, loss_v = step + 1, float(loss.detach())
         ctx.progress.advance(1, f"loss={loss_v:.4f}")

@@ -183,6 +183,27 @@ def run_stage(
     Returns:
         A :class:`StageOutcome`.
     """
+    from medsynth.locking import config_run
+
+    with config_run(cfg):  # the only writer of this config's outputs (re-entrant within a process)
+        return _run_stage(
+            cfg, name, options, resume, device, progress, parent_run_id, track, fan_out, child_runs, force
+        )
+
+
+def _run_stage(
+    cfg: MedsynthConfig,
+    name: str,
+    options: BaseModel | None,
+    resume: bool,
+    device: str | None,
+    progress: Progress | None,
+    parent_run_id: str | None,
+    track: bool,
+    fan_out: FanOut,
+    child_runs: Callable[[MedsynthConfig, str | None], ChildRuns] | None,
+    force: bool,
+) -> StageOutcome:
     from medsynth.tracking.stage import StageTracking, tracked_stage
 
     stage = get_stage(name)

@@ -28,7 +28,7 @@ from medsynth.config.schema import MedsynthConfig
 from medsynth.config.synthesis import parse_edit
 from medsynth.device import resolve_device
 from medsynth.errors import ConfigError, DataError, OutputExistsError
-from medsynth.fileio import is_nonempty, write_json_atomic
+from medsynth.fileio import is_nonempty, sha256_json, write_json_atomic
 from medsynth.generator import MaskGenerator
 from medsynth.progress import LogProgress, Progress
 from medsynth.synthesis.edits import apply_edit, default_lesion_label
@@ -228,6 +228,55 @@ def _grid_row(job: _Job, image: npt.NDArray[np.float32]) -> list[npt.NDArray[Any
     ]
 
 
+RESUMED = "(resumed)"
+
+
+def resume_key(
+    cfg: MedsynthConfig,
+    generator: MaskGenerator,
+    masks: Sequence[MaskItem],
+    labels: dict[int, str],
+    guard: MemorisationGuard | None,
+) -> str:
+    """What a synthetic dataset depends on: a partly written one resumes only under the same key.
+
+    The synthesis and sampling settings, the generator's weight hashes, the label vocabulary, the
+    memorisation guard's threshold and every source mask (id, geometry, labels).
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for it in masks:
+        h.update(it.item_id.encode())
+        h.update(np.ascontiguousarray(it.mask).tobytes())
+        h.update(np.asarray(it.affine, dtype=np.float64).tobytes())
+        h.update(repr(it.intensity_range).encode())
+    return sha256_json(
+        {
+            "synthesis": cfg.synthesis.model_dump(mode="json"),
+            "sampling": cfg.sampling.model_dump(mode="json"),
+            "preprocess": cfg.preprocess.intensity.model_dump(mode="json"),
+            "generator": generator.hashes,
+            "labels": {str(k): v for k, v in labels.items()},
+            "guard": None if guard is None else [guard.threshold, guard.distance, guard.percentile],
+            "masks": h.hexdigest(),
+        }
+    )
+
+
+def _written_image(writer: DatasetWriter, row: dict[str, Any]) -> npt.NDArray[np.float32]:
+    """A written image back on the model's [0, 1] scale, ``(1, *S)`` (for the sample grid of a resumed run)."""
+    from medsynth.data.io import read_image
+
+    x = np.asarray(read_image(writer.staging / row["image"]).array, dtype=np.float32)
+    rng = row.get("intensity_range")
+    if str(row["image"]).endswith(".png"):
+        x = x / (255.0 if writer.png_dtype == "uint8" else 65535.0)
+    elif rng is not None:
+        x = (x - rng[0]) / (rng[1] - rng[0])
+    return np.clip(x, 0.0, 1.0)[None]
+
+
 def synthesize(
     cfg: MedsynthConfig,
     generator: MaskGenerator,
@@ -298,14 +347,31 @@ def synthesize(
         intensity_range=None,  # resolved per item by _intensity
         overwrite=overwrite,
         metadata=metadata,
+        resume_key=resume_key(cfg, generator, source, vocab, refuse),
     )
     with writer:
         jobs = _jobs(cfg, source, vocab)
         n_done = 0
+        refused.extend(writer.resumed_refused)
+        finished = set(writer.resumed) | {str(r["item_id"]) for r in writer.resumed_refused}
         while True:
             batch = list(itertools.islice(jobs, batch_size))
             if not batch:
                 break
+            if all(job.item_id in finished for job in batch):  # written before a kill: not generated again
+                for job in batch:
+                    if _not_applied(job.edit):
+                        not_applied.add((job.mask_index, job.edit_index))
+                    if job.k == 0 and len(grid_rows) < sc.n_grid and job.item_id in writer.resumed:
+                        written = _written_image(writer, writer.resumed[job.item_id])
+                        if written.shape[1:] == job.mask.shape[1:]:  # native-geometry output: not on the grid
+                            grid_rows.append(_grid_row(job, written))
+                            grid_titles.append(f"{job.item.item_id}\n{job.spec}")
+                n_done += len(batch)
+                prog.advance(len(batch), f"{n_done}/{n_total} images {RESUMED}")
+                continue
+            batch_rows: list[dict[str, Any]] = []
+            batch_refused: list[dict[str, Any]] = []
             seed = batch[0].seed
             cond = torch.from_numpy(np.stack([j.mask for j in batch]).astype(np.int64))
             generated = generator.generate(cond, cfg.sampling, seed)
@@ -313,12 +379,12 @@ def synthesize(
             images = generated.numpy().astype(np.float32)
             for pos, (job, image, check) in enumerate(zip(batch, images, checks, strict=True)):
                 if check is not None and check["flagged"]:
-                    refused.append({"item_id": job.item_id, "source_id": job.item.item_id, **check})
+                    batch_refused.append({"item_id": job.item_id, "source_id": job.item.item_id, **check})
                     continue
                 if _not_applied(job.edit):
                     not_applied.add((job.mask_index, job.edit_index))
                 out_image, out_mask, out_affine, geometry = _output_geometry(cfg, job, image)
-                writer.add(
+                row = writer.add(
                     SyntheticItem(
                         item_id=job.item_id,
                         image=out_image,
@@ -338,9 +404,12 @@ def synthesize(
                         },
                     )
                 )
+                batch_rows.append(row)
                 if job.k == 0 and len(grid_rows) < sc.n_grid:
                     grid_rows.append(_grid_row(job, image))
                     grid_titles.append(f"{job.item.item_id}\n{job.spec}")
+            writer.commit_items(batch_rows, batch_refused)  # the whole batch is on disk: record it
+            refused.extend(batch_refused)
             n_done += len(batch)
             prog.advance(len(batch), f"{n_done}/{n_total} images")
         if refuse is not None and refused and len(refused) == n_done:

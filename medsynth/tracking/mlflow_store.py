@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,9 +24,19 @@ from mlflow.entities import Metric, Param
 
 from medsynth.config.loader import config_dict, flatten, save_resolved
 from medsynth.config.schema import MedsynthConfig
+from medsynth.errors import ConfigError
+from medsynth.provenance import provenance_tags
 
 log = logging.getLogger(__name__)
 MAX_PARAM = 6000
+OUTPUT_TAG = "medsynth.output_root"
+
+
+def output_root_tag(cfg: MedsynthConfig) -> str:
+    """``<host>:<absolute output folder>`` of a config's runs: which runs a killed execution on this host left."""
+    import socket
+
+    return f"{socket.gethostname()}:{(Path(cfg.output_dir) / cfg.name).resolve()}"
 
 
 def tracking_uri(cfg: MedsynthConfig) -> str:
@@ -96,7 +108,12 @@ class MlflowSession:
 
     def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> MlflowTracker:
         """Create a run (nested under ``parent_id`` when given)."""
-        all_tags = {"medsynth.config": self.cfg.name, **(tags or {})}
+        all_tags = {
+            "medsynth.config": self.cfg.name,
+            OUTPUT_TAG: output_root_tag(self.cfg),
+            **provenance_tags(config_dict(self.cfg)),
+            **(tags or {}),
+        }
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -134,13 +151,24 @@ class MlflowSession:
     def register(self, tracker: MlflowTracker, network: str, folder: str | Path) -> str | None:
         """Log a checkpoint folder (safetensors + JSON) and register it as a model version.
 
+        The ``generator`` bundle and the ``segmenter`` checkpoint are logged as MLflow pyfunc models
+        (:mod:`medsynth.tracking.pyfunc`: ``mlflow.pyfunc.load_model(uri).predict(...)``); the other
+        networks as plain checkpoint folders.
+
         Returns:
             ``models:/<name>/<version>``, or None when registration is off.
         """
-        tracker.log_artifact(folder, f"models/{network}")
+        from medsynth.tracking.pyfunc import PYFUNC_KINDS, save_pyfunc  # mlflow.pyfunc: only when registering
+
+        if network in PYFUNC_KINDS:
+            with tempfile.TemporaryDirectory() as tmp:
+                model_dir = save_pyfunc(network, self.cfg, folder, Path(tmp) / network)
+                tracker.log_artifact(model_dir, f"models/{network}")
+        else:
+            tracker.log_artifact(folder, f"models/{network}")
         if not self.cfg.tracking.register_models:
             return None
-        name = f"{self.cfg.tracking.model_prefix}-{self.cfg.name}-{network}"
+        name = registered_name(self.cfg, network)
         try:
             self.client.get_registered_model(name)
         except mlflow.exceptions.MlflowException:
@@ -152,15 +180,104 @@ class MlflowSession:
         return f"models:/{name}/{mv.version}"
 
 
+def registered_name(cfg: MedsynthConfig, network: str) -> str:
+    """Registry name of a config's network: ``<model_prefix>-<config name>-<network>``."""
+    return f"{cfg.tracking.model_prefix}-{cfg.name}-{network}"
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/<name>/<version>`` -> (name, version, None); ``models:/<name>@<alias>`` -> (name, None, alias).
+
+    Raises:
+        ConfigError: Any other form.
+    """
+    body = uri.removeprefix("models:/")
+    if uri.startswith("models:/") and "@" in body and "/" not in body:
+        name, alias = body.split("@", 1)
+        if name and alias:
+            return name, None, alias
+    elif uri.startswith("models:/") and "/" in body:
+        name, version = body.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, version, None
+    raise ConfigError("command line", f"{uri}: expected models:/<name>/<version> or models:/<name>@<alias>")
+
+
+def resolve_version(client: MlflowClient, uri: str) -> tuple[str, str]:
+    """(name, version) of a ``models:/`` URI; an alias is looked up in the registry.
+
+    Raises:
+        ConfigError: Malformed URI, or an unknown model, version or alias (named in the message).
+    """
+    name, version, alias = parse_model_uri(uri)
+    try:
+        if alias is not None:
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        client.get_model_version(name, str(version))
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError("command line", f"{uri}: not in the registry ({exc.message})") from None
+    return name, str(version)
+
+
 def download_model(uri: str, dst: str | Path, tracking: str | None = None) -> Path:
-    """Download a registered model version (``models:/<name>/<version>``) into ``dst``."""
+    """Download a registered model version (``models:/<name>/<version>`` or ``models:/<name>@<alias>``).
+
+    Returns:
+        The medsynth bundle inside it (``config.json`` + safetensors checkpoints): ``artifacts/bundle`` of a
+        pyfunc model, or the folder itself for versions registered as plain folders.
+    """
+    from medsynth.tracking.pyfunc import bundle_in
+
     client = MlflowClient(tracking) if tracking else MlflowClient()
-    if not uri.startswith("models:/"):
-        raise ValueError(f"{uri}: expected models:/<name>/<version>")
-    name, version = uri.removeprefix("models:/").rsplit("/", 1)
+    name, version = resolve_version(client, uri)
     source = client.get_model_version_download_uri(name, version)
-    path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking)
-    return Path(path)
+    out = Path(dst)
+    if out.exists():  # an alias may have moved since the last download: never mix versions
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(out), tracking_uri=tracking)
+    return bundle_in(path)
+
+
+def model_versions(tracking: str, name: str) -> list[str]:
+    """Versions of a registered model, newest first."""
+    client = MlflowClient(tracking)
+    return [
+        str(v.version) for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: -int(v.version))
+    ]
+
+
+def set_model_alias(tracking: str, name: str, version: str, alias: str, tags: dict[str, str]) -> None:
+    """Point ``models:/<name>@<alias>`` at ``version`` and tag that version."""
+    client = MlflowClient(tracking)
+    client.set_registered_model_alias(name, alias, version)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+
+
+def mark_interrupted_runs(cfg: MedsynthConfig) -> int:
+    """Mark the config's runs still RUNNING (tagged with its output folder) as KILLED; returns how many.
+
+    Call it only while holding the config's output lock (:func:`medsynth.locking.config_run`): no live
+    process can then own such a run.
+    """
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:  # the default local store: nothing to mark (and nothing created) when it does not exist
+        db = (Path(cfg.output_dir) / "mlflow.db").resolve()
+        if not db.is_file():
+            return 0
+        uri = f"sqlite:///{db}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment or cfg.name)
+    if exp is None:
+        return 0
+    root = output_root_tag(cfg)
+    running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+    runs = [r for r in running if r.data.tags.get(OUTPUT_TAG) == root]
+    for run in runs:
+        client.set_tag(run.info.run_id, "medsynth.interrupted", "marked KILLED at the next start of this config")
+        client.set_terminated(run.info.run_id, "KILLED")
+    return len(runs)
 
 
 @contextmanager

@@ -166,7 +166,7 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
             if use_adv and d_model is not None:
                 g_adv = adv(d_model(recon.float())[-1], target_is_real=True, for_discriminator=False)
                 loss = loss + sc.adv_weight * g_adv
-        optimizer_step(loss, ae, opt, sched, oc.grad_clip, ema)
+        optimizer_step(loss, ae, opt, sched, oc.grad_clip, ema, step=step, where=ctx.run_dir)
         # --- discriminator step ---
         if use_adv and d_model is not None and opt_d is not None:
             with autocast(dev, oc.amp):

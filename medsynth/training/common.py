@@ -7,6 +7,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medsynth.config.training import OptimConfig
 from medsynth.device import resolve_device
+from medsynth.errors import NonFiniteLossError
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,13 @@ def optimizer_step(
     sched: torch.optim.lr_scheduler.LRScheduler | None = None,
     grad_clip: float | None = None,
     ema: AveragedModel | None = None,
+    step: int | None = None,
+    where: str | Path | None = None,
 ) -> None:
     """One update: clear gradients, backpropagate ``loss``, clip ``module``'s gradient norm, step, update EMA.
+
+    A non-finite loss (or, with clipping, gradient norm) raises :class:`~medsynth.errors.NonFiniteLossError`
+    before the optimiser touches the weights, so no NaN reaches a checkpoint.
 
     Args:
         loss: Scalar loss.
@@ -92,11 +99,21 @@ def optimizer_step(
         sched: Learning-rate schedule stepped after the optimiser (None: none).
         grad_clip: Largest gradient norm (None or 0: no clipping).
         ema: EMA copy of ``module`` updated after the step (None: none).
+        step: 0-based step (named in the error).
+        where: The stage's run folder (named in the error).
+
+    Raises:
+        NonFiniteLossError: The loss or the clipped gradient norm is NaN or infinite.
     """
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise NonFiniteLossError("loss", float(loss.detach().float().reshape(-1)[0]), step, where)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+        if not bool(torch.isfinite(norm)):
+            opt.zero_grad(set_to_none=True)
+            raise NonFiniteLossError("gradient norm", float(norm), step, where)
     opt.step()
     if sched is not None:
         sched.step()

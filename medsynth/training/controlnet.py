@@ -161,7 +161,7 @@ def train_controlnet(
         g = step_generator(oc.seed, step, ctx.dist.rank, dev)
         model.train()
         loss = controlnet_loss(model, objective, train, idx, g, sc, factor, oc.amp)
-        optimizer_step(loss, cn, opt, sched, oc.grad_clip, ema)  # ControlNet parameters only
+        optimizer_step(loss, cn, opt, sched, oc.grad_clip, ema, step=step, where=ctx.run_dir)  # ControlNet only
         # --- logging, validation, checkpoints ---
         done = step + 1
         ctx.progress.advance(1, f"loss={loss.item():.4f}")

@@ -87,7 +87,7 @@ def train_diffusion(
         with autocast(dev, oc.amp):
             loss = denoising_loss(bind_cond(unconditional(model), None), objective, x0, g)
         # --- update ---
-        optimizer_step(loss, unet, opt, sched, oc.grad_clip, ema)
+        optimizer_step(loss, unet, opt, sched, oc.grad_clip, ema, step=step, where=ctx.run_dir)
         # --- logging, validation, checkpoints ---
         done = step + 1
         ctx.progress.advance(1, f"loss={loss.item():.4f}")

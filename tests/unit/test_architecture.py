@@ -53,6 +53,7 @@ LAYERS: dict[str, int] = {
     "models": 1,
     "diffusion": 1,
     "tracking": 1,
+    "locking": 1,
     # generator assembly, shared by training and synthesis
     "generator": 2,
     # training and synthesis never import each other

@@ -156,10 +156,26 @@ def test_changed_preprocess_field_reprocesses_all(synth, dataset: Path, tmp_path
     assert run_preprocess(same, cache).n_processed == 0
 
 
-def test_removed_case_is_dropped_from_the_cache(synth, dataset: Path, tmp_path: Path) -> None:
+def test_subset_run_never_prunes_the_cache_of_the_full_dataset(synth, dataset: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     run_preprocess(synth.config(synth.raw(dataset)), cache)
     s = run_preprocess(synth.config(synth.raw(dataset, data={"include": "case_00[012]"})), cache)
+    assert s.n_cases == 3 and s.n_processed == 0
+    assert "case_003" not in {it["case_id"] for it in load_manifest(cache)["items"]}  # the subset's manifest
+    assert (cache / "cases" / "case_003.npz").exists()  # but the full dataset's files stay
+    again = run_preprocess(synth.config(synth.raw(dataset)), cache)
+    assert (again.n_processed, again.n_cached) == (0, 4)
+
+
+def test_removed_case_is_dropped_from_the_cache(synth, dataset: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    run_preprocess(synth.config(synth.raw(dataset)), cache)
+    for f in [*dataset.rglob("case_003*")]:
+        f.unlink()
+    listing = json.loads((dataset / "dataset.json").read_text())
+    listing["training"] = [r for r in listing["training"] if "case_003" not in r["image"]]
+    (dataset / "dataset.json").write_text(json.dumps(listing))
+    s = run_preprocess(synth.config(synth.raw(dataset)), cache)
     assert s.n_cases == 3 and s.n_processed == 0
     assert not (cache / "cases" / "case_003.npz").exists()
     assert "case_003" not in {it["case_id"] for it in load_manifest(cache)["items"]}
