@@ -93,6 +93,7 @@ from medsynth.training.common import (
     autocast,
     batch_indices,
     make_optimizer,
+    make_scaler,
     optimizer_step,
     seeded_global_rng,
     set_threads,
@@ -594,6 +595,7 @@ def train_cell_segmenter(
     torch.manual_seed(int(np.random.default_rng([seed, 3]).integers(2**62)))
     net = build_segmenter(cfg, num_classes).to(dev)
     opt, sched = make_optimizer(net.parameters(), oc)
+    scaler = make_scaler(dev, oc.amp)  # fp16 (pre-Ampere GPU) needs loss scaling
     loss_fn = DiceCELoss(
         include_background=sc.include_background,
         to_onehot_y=True,
@@ -612,7 +614,7 @@ def train_cell_segmenter(
         with autocast(dev, oc.amp), seeded_global_rng(seed, step, 0, dev):
             logits = net(x)
         loss = loss_fn(logits.float(), y)
-        optimizer_step(loss, net, opt, sched, oc.grad_clip)
+        optimizer_step(loss, net, opt, sched, oc.grad_clip, scaler=scaler)
         if (step + 1) % 10 == 0 or step + 1 == oc.steps:
             tracker.log_metrics({"train_loss": float(loss.detach())}, step=step + 1)
     return Segmenter(net, num_classes, roi, labels).eval()

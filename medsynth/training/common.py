@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medsynth.config.training import OptimConfig
+from medsynth.training.precision import policy_for
 
 
 @dataclass(frozen=True)
@@ -55,17 +56,31 @@ def pick_device(info: DistInfo | None = None) -> torch.device:
 
 
 def autocast(device: torch.device, mode: str) -> contextlib.AbstractContextManager[None]:
-    """bf16 autocast when ``mode`` is 'bf16', or 'auto' on CUDA; otherwise a no-op context."""
-    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The autocast context of :func:`~medsynth.training.precision.policy_for` ``(device, mode)``.
+
+    Pair it with :func:`make_scaler` ``(device, mode)`` passed to :func:`optimizer_step`: on a pre-Ampere
+    GPU, ``auto`` means fp16, whose gradients need loss scaling.
+    """
+    return policy_for(device, mode).autocast()
+
+
+def make_scaler(device: torch.device, mode: str) -> torch.amp.GradScaler | None:
+    """A ``GradScaler`` when ``mode`` resolves to fp16 on ``device``, else None."""
+    return policy_for(device, mode).make_scaler()
 
 
 def make_optimizer(
-    params: Iterator[torch.nn.Parameter] | list[torch.nn.Parameter], cfg: OptimConfig
+    params: Iterator[torch.nn.Parameter] | list[torch.nn.Parameter],
+    cfg: OptimConfig,
+    device: torch.device | None = None,
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with a linear warm-up over ``cfg.warmup_steps``, then a constant learning rate."""
-    opt = torch.optim.AdamW(list(params), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW with a linear warm-up over ``cfg.warmup_steps``, then a constant learning rate.
+
+    On CUDA the fused AdamW kernel is used (one launch for all parameters); on CPU torch's default
+    implementation, so CPU results stay bit-identical to earlier releases.
+    """
+    fused = True if device is not None and device.type == "cuda" else None
+    opt = torch.optim.AdamW(list(params), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     warm = max(cfg.warmup_steps, 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     return opt, sched
@@ -85,8 +100,12 @@ def optimizer_step(
     sched: torch.optim.lr_scheduler.LRScheduler | None = None,
     grad_clip: float | None = None,
     ema: AveragedModel | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """One update: clear gradients, backpropagate ``loss``, clip ``module``'s gradient norm, step, update EMA.
+
+    No host synchronisation: nothing is read back from the device (a ``GradScaler`` checks for
+    infinite gradients on the device too).
 
     Args:
         loss: Scalar loss.
@@ -95,12 +114,22 @@ def optimizer_step(
         sched: Learning-rate schedule stepped after the optimiser (None: none).
         grad_clip: Largest gradient norm (None or 0: no clipping).
         ema: EMA copy of ``module`` updated after the step (None: none).
+        scaler: Loss scaler of fp16 training (None: no scaling). Gradients are unscaled before
+            clipping; a step with infinite gradients is skipped and the scale reduced.
     """
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+        scaler.step(opt)
+        scaler.update()
     if sched is not None:
         sched.step()
     if ema is not None:
@@ -152,6 +181,26 @@ def seeded_global_rng(seed: int, step: int, rank: int, device: torch.device) -> 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(step_generator(seed, step, rank, device).initial_seed())
         yield
+
+
+def channels_last(module: torch.nn.Module, enabled: bool, spatial_dims: int) -> torch.nn.Module:
+    """Put a 2D network's weights in channels-last memory format when ``enabled`` (3D: unchanged)."""
+    if enabled and spatial_dims == 2:
+        module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return module
+
+
+def batch_layout(x: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """A 4D batch in channels-last memory format when ``enabled`` (other ranks unchanged)."""
+    return x.contiguous(memory_format=torch.channels_last) if enabled and x.ndim == 4 else x
+
+
+def maybe_compile(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """``torch.compile(module)`` when ``enabled`` (the original module keeps the weights to checkpoint)."""
+    if not enabled:
+        return module
+    compiled: torch.nn.Module = torch.compile(module)  # type: ignore[assignment]
+    return compiled
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
