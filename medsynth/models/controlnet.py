@@ -85,6 +85,31 @@ def build_controlnet(
     )
 
 
+def fuse_swish(module: nn.Module) -> int:
+    """Replace MONAI ``Swish`` activations (``x * sigmoid(alpha * x)``, alpha 1) by ``nn.SiLU`` in place.
+
+    The same function in one fused kernel instead of three elementwise passes (and their saved
+    tensors): MONAI's ControlNet conditioning embedding uses ``Swish`` at full mask resolution, where
+    it costs about 8% of a CPU training step. Values agree to float rounding (not bit for bit), so
+    the training loop applies it only under mixed precision, keeping fp32 runs bit-identical.
+
+    Args:
+        module: Any network (no parameters are touched).
+
+    Returns:
+        The number of activations replaced.
+    """
+    from monai.networks.blocks.activation import Swish
+
+    n = 0
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, Swish) and float(child.alpha) == 1.0:
+                setattr(parent, name, nn.SiLU())
+                n += 1
+    return n
+
+
 def init_controlnet_from_unet(controlnet: ControlNet, unet: DiffusionModelUNet) -> tuple[list[str], list[str]]:
     """Copies the trained UNet's encoder weights into the ControlNet (in place).
 

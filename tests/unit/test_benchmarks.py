@@ -206,11 +206,21 @@ def test_training_benchmark_toy(cfg2d: Path, tmp_path: Path, capsys: pytest.Capt
     argv = ["--config", str(cfg2d), "--steps", "2", "--warmup", "1", "--rounds", "1", "--device", "cpu"]
     assert training.main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "target: medsynth >= 1.5x" in printed and ("PASS" in printed or "FAIL" in printed)
+    assert "target: medsynth (bf16) >= 1.5x the MONAI inferer's (fp32)" in printed
+    assert "PASS" in printed or "FAIL" in printed
     data = json.loads(out.read_text(encoding="utf-8"))
-    base, ours = data["rows"]
+    # baseline fp32 first; both trainers at both precisions (the target pairs medsynth bf16 with MONAI fp32)
+    assert [(r["who"], r["precision"]) for r in data["rows"]] == [
+        ("monai", "fp32"),
+        ("monai", "bf16"),
+        ("medsynth", "fp32"),
+        ("medsynth", "bf16"),
+    ]
+    base, ours = data["rows"][0], data["rows"][3]
     assert base["baseline"] and base["ratio"] == 1.0 and not ours["baseline"]
     assert ours["ratio"] == pytest.approx(ours["samples_per_s"] / base["samples_per_s"])
+    assert data["target"]["value"] == ours["ratio"]
+    assert set(data["equal_precision_ratios"]) == {"fp32", "bf16"}
     assert data["settings"]["batch_size"] == 2 and data["settings"]["steps_per_round"] == 2
     assert data["target"]["passed"] == (ours["ratio"] >= training.TARGET)
     assert data["command"].startswith("python -m benchmarks.training --config")
@@ -232,7 +242,7 @@ def test_training_trainers_match_the_stage_setup(cfg2d: Path) -> None:
     assert len(base.cn.controlnet_cond_embedding.blocks) == 0  # the inferer feeds a latent-size mask
     assert len(ours.cn.controlnet_cond_embedding.blocks) == 2  # one stride-2 stage for AE factor 2
     frozen = [p.clone() for p in ours.model.unet.parameters()]
-    assert math.isfinite(ours.step()) and math.isfinite(base.step())
+    assert math.isfinite(ours.step().item()) and math.isfinite(base.step().item())
     assert all(torch.equal(a, b) for a, b in zip(frozen, ours.model.unet.parameters(), strict=True))
     assert ours.step_index == 1 and base.step_index == 1
 
