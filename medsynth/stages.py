@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medsynth.config.schema import MedsynthConfig
+from medsynth.config.training import RUNTIME_FIELDS
 from medsynth.fileio import sha256_file, sha256_json
 from medsynth.progress import LogProgress, Progress
 from medsynth.tracking.base import NullTracker, Tracker
@@ -95,12 +96,17 @@ class StagePaths:
         return self.root / "synthetic"
 
 
-RUNTIME_ONLY = ("num_threads",)
+RUNTIME_ONLY = RUNTIME_FIELDS
 """Fields that change how fast a stage runs, not what it produces: left out of input keys."""
+
+SECTION_RUNTIME_ONLY = {"autoencoder": ("tiling",)}
+"""Section fields that training never reads (tiled inference of large images): left out of input keys."""
 
 
 def _section(cfg: MedsynthConfig, name: str) -> Any:
     data = getattr(cfg, name).model_dump(mode="json")
+    for key in SECTION_RUNTIME_ONLY.get(name, ()):
+        data.pop(key, None)
     if isinstance(data.get("train"), dict):
         data["train"] = {k: v for k, v in data["train"].items() if k not in RUNTIME_ONLY}
     return data

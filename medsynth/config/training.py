@@ -17,6 +17,10 @@ def _amp_from_yaml(value: Any) -> Any:
 AmpSetting = Annotated[Literal["auto", "bf16", "fp16", "off"], BeforeValidator(_amp_from_yaml)]
 
 
+RUNTIME_FIELDS = ("num_threads", "channels_last", "compile")
+"""OptimConfig fields that change how fast a loop runs, not what it learns: left out of input keys."""
+
+
 class OptimConfig(StrictModel):
     """AdamW with linear warm-up, gradient clipping, EMA, mixed precision and checkpointing."""
 

@@ -74,6 +74,7 @@ import torch
 from medsynth.config.experiment import Arm
 from medsynth.config.schema import MedsynthConfig
 from medsynth.config.stages import SamplingConfig
+from medsynth.config.training import RUNTIME_FIELDS
 from medsynth.data.dataset import ArraySet
 from medsynth.errors import ConfigError, DataError, MedsynthError
 from medsynth.evaluation.classifier import (
@@ -686,10 +687,10 @@ def grid_key(
     ec = cfg.experiment.model_dump(mode="json")
     for k in ("fractions", "ratios", "seeds", "arms", "n_bootstrap", "ci", "bootstrap_seed", "predict_batch_size"):
         ec.pop(k, None)
-    ec["train"] = {k: v for k, v in ec["train"].items() if k != "num_threads"}
+    ec["train"] = {k: v for k, v in ec["train"].items() if k not in RUNTIME_FIELDS}
     seg = cfg.segmenter.model_dump(mode="json") if task == "segmentation" else None
     if seg is not None:
-        seg["train"] = {k: v for k, v in seg["train"].items() if k != "num_threads"}
+        seg["train"] = {k: v for k, v in seg["train"].items() if k not in RUNTIME_FIELDS}
     return sha256_json(
         {
             "task": task,

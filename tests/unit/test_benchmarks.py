@@ -276,8 +276,10 @@ def test_memory_benchmark_toy(
     out = tmp_path / "memory.json"
     argv = ["--config-2d", str(cfg2d), "--config-3d", str(cfg3d), "--sizes-2d", "16,32", "--sizes-3d", "16x16x16"]
     argv += ["--batch-size", "1", "--sample-steps", "1", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    argv += ["--decode-sizes", "16,32", "--set", "autoencoder.tiling.tile=[16,16,16]"]
     assert memory.main(argv) == 0
-    assert [s["kind"] for s in seen] == ["idle"] + ["train"] * 3 + ["sample"] * 3
+    assert [s["kind"] for s in seen] == ["idle"] + ["train"] * 3 + ["sample"] * 3 + ["decode"] * 4
+    assert [s["tiled"] for s in seen[-4:]] == [False, False, True, True]
     assert all(s["threads"] == 1 and s["device"] == "cpu" for s in seen)
     data = json.loads(out.read_text(encoding="utf-8"))
     rows = data["rows"]
@@ -285,8 +287,21 @@ def test_memory_benchmark_toy(
     train2d = [r for r in rows if r["kind"] == "train" and r["dims"] == 2]
     assert [r["size"] for r in train2d] == [[16, 16], [32, 32]]
     assert train2d[0]["peak_ratio"] == 1.0 and train2d[1]["voxel_ratio"] == 4.0
-    assert set(data["growth"]) == {"train 2D", "train 3D", "sample 2D", "sample 3D"}
-    assert "Peak memory" in capsys.readouterr().out
+    assert set(data["growth"]) == {
+        "train 2D",
+        "train 3D",
+        "sample 2D",
+        "sample 3D",
+        "decode whole 3D",
+        "decode tiled 3D",
+    }
+    tiled = [r for r in rows if r["kind"] == "decode" and r["tiled"]]
+    assert data["target"]["value"] == pytest.approx(tiled[1]["peak_rss_mb"] / tiled[0]["peak_rss_mb"])
+    agree = data["decode_agreement"]
+    assert agree["16x16x16"]["max_abs"] < 1e-4  # one tile covers 16^3: the whole decode
+    assert agree["32x32x32"]["mean_abs"] > 0 and agree["32x32x32"]["correlation"] > 0.5  # 8 tiles + overlaps
+    printed = capsys.readouterr().out
+    assert "Peak memory" in printed and "target: tiled decode peak (RSS) within 1.2x" in printed
 
 
 def test_memory_sizes() -> None:
