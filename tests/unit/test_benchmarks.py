@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # `benchmarks` is a top-level folder of the repository, not an installed package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import common, guidance, memory, preprocessing, sampling, training  # noqa: E402
+from benchmarks import common, gpu, guidance, memory, preprocessing, sampling, training  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -245,6 +245,38 @@ def test_training_trainers_match_the_stage_setup(cfg2d: Path) -> None:
     assert math.isfinite(ours.step().item()) and math.isfinite(base.step().item())
     assert all(torch.equal(a, b) for a, b in zip(frozen, ours.model.unet.parameters(), strict=True))
     assert ours.step_index == 1 and base.step_index == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# gpu (its CPU smoke mode: every workload at tiny sizes, fp32 and bf16)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_gpu_benchmark_smoke_on_cpu(cfg2d: Path, cfg3d: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    argv = ["--smoke", "--device", "cpu", "--threads", "1", "--config-2d", str(cfg2d), "--config-3d", str(cfg3d)]
+    assert gpu.main([*argv, "--sizes-2d", "16", "--sizes-3d", "16", "--out", str(out)]) == 0
+    data = json.loads(out.read_text(encoding="utf-8"))
+    rows = data["rows"]
+    assert {(r["workload"], r["dims"], r["precision"]) for r in rows} == {
+        (w, d, p) for w in gpu.WORKLOADS for d in (2, 3) for p in ("fp32", "bf16")
+    }
+    assert all(r["status"] == "ok" and r["samples_per_s"] > 0 and r["peak_mb"] is None for r in rows)
+    for r in rows:
+        if r["workload"] == "controlnet":
+            base = next(
+                b
+                for b in rows
+                if b["workload"] == "controlnet_monai" and b["size"] == r["size"] and b["amp"] == r["amp"]
+            )
+            assert r["vs_monai"] == pytest.approx(r["samples_per_s"] / base["samples_per_s"])
+    assert data["settings"]["smoke"] and data["settings"]["capability"] is None
+    assert data["command"].startswith("python -m benchmarks.gpu --smoke")
+
+
+def test_gpu_benchmark_rejects_unknown_workloads(capsys: pytest.CaptureFixture[str]) -> None:
+    assert gpu.main(["--smoke", "--device", "cpu", "--workloads", "bogus"]) == 2
+    assert "--workloads must name" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
