@@ -17,7 +17,7 @@ def _amp_from_yaml(value: Any) -> Any:
 AmpSetting = Annotated[Literal["auto", "bf16", "fp16", "off"], BeforeValidator(_amp_from_yaml)]
 
 
-RUNTIME_FIELDS = ("num_threads", "channels_last", "compile")
+RUNTIME_FIELDS = ("num_threads", "channels_last", "compile", "device_data_mb")
 """OptimConfig fields that change how fast a loop runs, not what it learns: left out of input keys."""
 
 
@@ -43,6 +43,12 @@ class OptimConfig(StrictModel):
         False, description="2D only: channels-last memory format for networks and batches (faster convs on GPU)."
     )
     compile: bool = Field(False, description="torch.compile the trained network's forward (first steps compile).")
+    device_data_mb: float = Field(
+        2048.0,
+        ge=0,
+        description="CUDA: a training split up to this size is moved to the GPU once (no per-step copies); a "
+        "larger one stays in pinned host memory (asynchronous copies). Ignored on CPU.",
+    )
     val_every: int = Field(200, ge=1, description="Validation loss (and sample grid) every N steps.")
     val_batches: int = Field(2, ge=1, description="Validation batches per evaluation.")
     ckpt_every: int = Field(500, ge=1, description="Checkpoint every N steps (and at the end).")

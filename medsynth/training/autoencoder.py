@@ -31,6 +31,7 @@ from medsynth.training.common import (
     optimizer_step,
     seeded_global_rng,
     set_threads,
+    stage_split,
     unwrap,
     wrap_ddp,
 )
@@ -156,11 +157,12 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
     val_x = val.images[: max(oc.batch_size * oc.val_batches, 1)]
     metrics: dict[str, float] = {}
     means, info = StepMeans(), ""
+    train_images = stage_split(train.images, dev, oc.device_data_mb)  # on the GPU once when it fits
 
     for step in range(start, oc.steps):
         # --- batch ---
         idx = batch_indices(len(train), step, oc.batch_size, oc.seed, ctx.dist.rank, ctx.dist.world_size)
-        x = batch_layout(train.images[idx].to(dev, non_blocking=True), oc.channels_last)
+        x = batch_layout(train_images[idx].to(dev, non_blocking=True), oc.channels_last)
         # --- generator step: reconstruction + KL (+ adversarial, + perceptual) ---
         model.train()
         with precision.autocast():

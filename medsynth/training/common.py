@@ -183,6 +183,26 @@ def seeded_global_rng(seed: int, step: int, rank: int, device: torch.device) -> 
         yield
 
 
+def staging_choice(nbytes: int, device_type: str, budget_mb: float) -> str:
+    """Where a training split lives during a loop: ``"device"``, ``"pinned"`` (host) or ``"host"``.
+
+    On CUDA a split of at most ``budget_mb`` MiB is copied to the GPU once, so batches are gathered
+    there with no host-to-device copy per step; a larger one is pinned, so each batch's copy is
+    asynchronous (``non_blocking=True``). Other devices keep it as it is.
+    """
+    if device_type != "cuda":
+        return "host"
+    return "device" if nbytes <= budget_mb * 2**20 else "pinned"
+
+
+def stage_split(t: torch.Tensor, device: torch.device, budget_mb: float) -> torch.Tensor:
+    """``t`` placed as :func:`staging_choice` says (the CPU tensor itself on CPU: nothing changes there)."""
+    where = staging_choice(t.numel() * t.element_size(), device.type, budget_mb)
+    if where == "device":
+        return t.to(device)
+    return t.pin_memory() if where == "pinned" else t
+
+
 def channels_last(module: torch.nn.Module, enabled: bool, spatial_dims: int) -> torch.nn.Module:
     """Put a 2D network's weights in channels-last memory format when ``enabled`` (3D: unchanged)."""
     if enabled and spatial_dims == 2:

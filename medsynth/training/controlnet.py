@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from medsynth.training.common import (
     maybe_compile,
     optimizer_step,
     set_threads,
+    stage_split,
     step_generator,
     wrap_ddp,
 )
@@ -169,12 +171,18 @@ def train_controlnet(
     timer = StepTimer("controlnet", start, oc.steps, ctx.dist.is_main)
     metrics: dict[str, float] = {}
     means, info = StepMeans(), ""
+    # the split on the GPU once when it fits (pinned host memory otherwise); unchanged on CPU
+    staged = replace(
+        train,
+        latents=stage_split(train.latents, dev, oc.device_data_mb),
+        masks=stage_split(train.masks, dev, oc.device_data_mb),
+    )
 
     for step in range(start, oc.steps):
         idx = batch_indices(len(train), step, oc.batch_size, oc.seed, ctx.dist.rank, ctx.dist.world_size)
         g = step_generator(oc.seed, step, ctx.dist.rank, dev)
         model.train()
-        loss = controlnet_loss(model, objective, train, idx, g, sc, factor, precision, oc.channels_last)
+        loss = controlnet_loss(model, objective, staged, idx, g, sc, factor, precision, oc.channels_last)
         optimizer_step(loss, cn, opt, sched, oc.grad_clip, ema, scaler)  # ControlNet parameters only
         # --- logging (the only host sync: means since the last log), validation, checkpoints ---
         done = step + 1

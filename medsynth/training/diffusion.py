@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from medsynth.training.common import (
     maybe_compile,
     optimizer_step,
     set_threads,
+    stage_split,
     step_generator,
     wrap_ddp,
 )
@@ -86,11 +88,13 @@ def train_diffusion(
     timer = StepTimer("diffusion", start, oc.steps, ctx.dist.is_main)
     metrics: dict[str, float] = {}
     means, info = StepMeans(), ""
+    # the split on the GPU once when it fits (pinned host memory otherwise); unchanged on CPU
+    staged = replace(train, latents=stage_split(train.latents, dev, oc.device_data_mb))
 
     for step in range(start, oc.steps):
         # --- batch and loss ---
         idx = batch_indices(len(train), step, oc.batch_size, oc.seed, ctx.dist.rank, ctx.dist.world_size)
-        x0 = batch_layout(train.latents[idx].to(dev, non_blocking=True) * train.scale_factor, oc.channels_last)
+        x0 = batch_layout(staged.latents[idx].to(dev, non_blocking=True) * train.scale_factor, oc.channels_last)
         g = step_generator(oc.seed, step, ctx.dist.rank, dev)
         model.train()
         with precision.autocast():

@@ -119,3 +119,14 @@ def test_fp16_training_on_cpu_checkpoints_its_loss_scaler(cache2d, tmp_path: Pat
     scaler_state = ckpt.state["schedulers"]["unet_scaler"]
     assert scaler_state["scale"] > 0
     assert torch.isfinite(torch.tensor(res.metrics["val_loss"]))
+
+
+def test_staging_keeps_cpu_data_and_stages_cuda_splits_by_size() -> None:
+    from medsynth.training.common import stage_split, staging_choice
+
+    assert staging_choice(10 * 2**20, "cpu", 2048) == "host"
+    assert staging_choice(10 * 2**20, "cuda", 2048) == "device"  # fits: on the GPU once
+    assert staging_choice(10 * 2**20, "cuda", 5) == "pinned"  # too large: pinned host memory
+    assert staging_choice(1, "cuda", 0) == "pinned"
+    t = torch.zeros(4, 1, 8, 8)
+    assert stage_split(t, torch.device("cpu"), 2048) is t  # CPU: the very same tensor, no copy
