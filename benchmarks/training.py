@@ -357,7 +357,7 @@ def _body(argv: list[str]) -> int:
         "monai": "MONAI ControlNetLatentDiffusionInferer (encodes every batch)",
         "medsynth": "medsynth ControlNet step on cached latents (full-res mask)",
     }
-    rows = []
+    rows: list[dict[str, Any]] = []
     for (who, amp, tr), t_wall, t_cpu in zip(specs, wall, cpu, strict=True):
         rows.append(
             {

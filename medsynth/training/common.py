@@ -7,6 +7,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -203,7 +204,10 @@ def stage_split(t: torch.Tensor, device: torch.device, budget_mb: float) -> torc
     return t.pin_memory() if where == "pinned" else t
 
 
-def channels_last(module: torch.nn.Module, enabled: bool, spatial_dims: int) -> torch.nn.Module:
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def channels_last(module: ModuleT, enabled: bool, spatial_dims: int) -> ModuleT:
     """Put a 2D network's weights in channels-last memory format when ``enabled`` (3D: unchanged)."""
     if enabled and spatial_dims == 2:
         module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
