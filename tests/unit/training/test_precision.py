@@ -104,16 +104,30 @@ def test_log_due_every_ten_steps_and_at_the_end() -> None:
     assert [d for d in range(1, 26) if log_due(d, 25)] == [10, 20, 25]
 
 
-def test_fp16_training_on_cpu_checkpoints_its_loss_scaler(cache2d, tmp_path: Path) -> None:
-    """fp16 + GradScaler end to end (the pre-Ampere GPU path, run on the CPU): finite loss, scaler saved."""
+@pytest.fixture(scope="module")
+def latents(cache2d, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A latent cache folder of a tiny 2D autoencoder (its run folder next to it)."""
     from medsynth.training.autoencoder import train_autoencoder
     from medsynth.training.latents import encode_split
 
-    cfg = cache2d.cfg(autoencoder={"train": {"steps": 2}}, diffusion={"train": {"steps": 4, "amp": "fp16"}})
-    train_autoencoder(cfg, cache2d.cache_dir, StageContext.create(tmp_path / "ae", device="cpu"))
+    root = tmp_path_factory.mktemp("precision")
+    cfg = cache2d.cfg(autoencoder={"train": {"steps": 2}})
+    train_autoencoder(cfg, cache2d.cache_dir, StageContext.create(root / "ae", device="cpu"))
     for split in ("train", "val"):
-        encode_split(cfg, cache2d.cache_dir, tmp_path / "ae", tmp_path / "lat", split)
-    res = train_diffusion(cfg, tmp_path / "lat", StageContext.create(tmp_path / "unet", device="cpu"))
+        encode_split(cfg, cache2d.cache_dir, root / "ae", root / "lat", split)
+    return root / "lat"
+
+
+def _final_weights(run: Path, name: str) -> dict[str, torch.Tensor]:
+    ckpt = find_checkpoint(run, "final")
+    assert ckpt is not None
+    return ckpt.weights(name)
+
+
+def test_fp16_training_on_cpu_checkpoints_its_loss_scaler(cache2d, latents: Path, tmp_path: Path) -> None:
+    """fp16 + GradScaler end to end (the pre-Ampere GPU path, run on the CPU): finite loss, scaler saved."""
+    cfg = cache2d.cfg(autoencoder={"train": {"steps": 2}}, diffusion={"train": {"steps": 4, "amp": "fp16"}})
+    res = train_diffusion(cfg, latents, StageContext.create(tmp_path / "unet", device="cpu"))
     ckpt = find_checkpoint(tmp_path / "unet", "final")
     assert ckpt is not None
     scaler_state = ckpt.state["schedulers"]["unet_scaler"]
@@ -130,3 +144,35 @@ def test_staging_keeps_cpu_data_and_stages_cuda_splits_by_size() -> None:
     assert staging_choice(1, "cuda", 0) == "pinned"
     t = torch.zeros(4, 1, 8, 8)
     assert stage_split(t, torch.device("cpu"), 2048) is t  # CPU: the very same tensor, no copy
+
+
+def test_channels_last_changes_layout_not_learning(cache2d, latents: Path, tmp_path: Path) -> None:
+    runs = {}
+    for flag in (False, True):
+        cfg = cache2d.cfg(diffusion={"train": {"steps": 3, "channels_last": flag}})
+        train_diffusion(cfg, latents, StageContext.create(tmp_path / f"cl{flag}", device="cpu"))
+        runs[flag] = _final_weights(tmp_path / f"cl{flag}", "unet")
+    assert runs[False].keys() == runs[True].keys()
+    for k, v in runs[False].items():
+        assert torch.allclose(v, runs[True][k], atol=1e-5), k
+
+
+def test_bf16_controlnet_training_on_cpu(cache2d, latents: Path, tmp_path: Path) -> None:
+    """The documented CPU choice (controlnet.train.amp: bf16) trains end to end with a finite loss."""
+    from medsynth.training.controlnet import train_controlnet
+
+    base = cache2d.cfg(diffusion={"train": {"steps": 2}})
+    train_diffusion(base, latents, StageContext.create(tmp_path / "unet", device="cpu"))
+    cfg = cache2d.cfg(diffusion={"train": {"steps": 2}}, controlnet={"train": {"steps": 3, "amp": "bf16"}})
+    res = train_controlnet(cfg, latents, tmp_path / "unet", StageContext.create(tmp_path / "cn", device="cpu"))
+    assert torch.isfinite(torch.tensor(res.metrics["val_loss"]))
+    assert all(torch.isfinite(v).all() for v in _final_weights(tmp_path / "cn", "controlnet").values())
+
+
+def test_maybe_compile_wraps_only_when_asked() -> None:
+    from medsynth.training.common import maybe_compile
+
+    net = torch.nn.Linear(2, 2)
+    assert maybe_compile(net, False) is net
+    compiled = maybe_compile(net, True)  # compiled lazily: nothing runs here
+    assert compiled is not net and getattr(compiled, "_orig_mod", None) is net
