@@ -16,6 +16,7 @@ from medsynth.config.loader import save_resolved
 from medsynth.config.schema import MedsynthConfig
 from medsynth.config.stages import ControlNetStage
 from medsynth.diffusion.objectives import DiffusionObjective
+from medsynth.errors import DataError
 from medsynth.models.autoencoder import downsample_factor
 from medsynth.models.controlnet import ControlledUNet, fuse_swish, one_hot_mask
 from medsynth.synthesis.generator import (
@@ -109,7 +110,7 @@ def controlnet_loss(
     """
     dev = g.device
     x0 = batch_layout(data.latents[idx].to(dev, non_blocking=True) * data.scale_factor, layout_channels_last)
-    onehot = one_hot_mask(data.masks[idx].to(dev, non_blocking=True).long(), data.num_classes)
+    onehot = one_hot_mask(data.masks[idx].to(dev, non_blocking=True), data.num_classes, check=False)
     weights = label_weight_map(onehot, sc.label_weights, factor)
     cond = batch_layout(drop_masks(onehot, sc.mask_dropout, g), layout_channels_last)
     with precision.autocast() if precision is not None else contextlib.nullcontext():
@@ -171,6 +172,9 @@ def train_controlnet(
     timer = StepTimer("controlnet", start, oc.steps, ctx.dist.is_main)
     metrics: dict[str, float] = {}
     means, info = StepMeans(), ""
+    one_hot_mask(train.masks[:1].long(), train.num_classes)  # shape check; the value range below, once
+    if len(train) and (int(train.masks.min()) < 0 or int(train.masks.max()) >= train.num_classes):
+        raise DataError(latent_dir / "train.npz", f"mask labels outside [0, {train.num_classes})")
     # the split on the GPU once when it fits (pinned host memory otherwise); unchanged on CPU
     staged = replace(
         train,

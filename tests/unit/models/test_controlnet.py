@@ -223,3 +223,12 @@ def test_fuse_swish_keeps_the_function_and_leaves_no_swish() -> None:
     assert isinstance(net[1], torch.nn.SiLU) and isinstance(net[2][0], Swish)
     assert torch.allclose(net(x), before, atol=1e-6)
     assert fuse_swish(net) == 0
+
+
+def test_one_hot_without_check_equals_the_checked_one() -> None:
+    from medsynth.models.controlnet import one_hot_mask
+
+    labels = torch.randint(0, 4, (2, 1, 5, 6), dtype=torch.uint8)
+    assert torch.equal(one_hot_mask(labels, 4, check=False), one_hot_mask(labels, 4))
+    labels3 = torch.randint(0, 3, (1, 1, 3, 4, 5))
+    assert torch.equal(one_hot_mask(labels3, 3, torch.bfloat16, check=False), one_hot_mask(labels3, 3, torch.bfloat16))
