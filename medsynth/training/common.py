@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -87,11 +88,51 @@ def make_optimizer(
     return opt, sched
 
 
+class SyncFreeEMA(AveragedModel):
+    """torch's EMA ``AveragedModel`` (same state dict, same arithmetic) without host syncs per update.
+
+    ``AveragedModel.update_parameters`` tests its on-device counter ``n_averaged`` in Python twice per
+    call, which on a GPU waits for the device every step. This subclass keeps a host copy of the
+    counter (read once after construction or a checkpoint load) and otherwise does exactly the same:
+    copy on the first update, then the EMA ``multi_avg_fn`` over parameters and buffers.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self._count: int | None = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._count = None  # re-read the loaded counter at the next update
+
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        """Average ``model``'s parameters and buffers into this copy (no device read-back)."""
+        from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+        if self._count is None:
+            self._count = int(self.n_averaged)  # one read, not one per step
+        averaged = [p.detach() for p in itertools.chain(self.module.parameters(), self.module.buffers())]
+        current = [
+            p.detach().to(a.device)
+            for p, a in zip(itertools.chain(model.parameters(), model.buffers()), averaged, strict=True)
+        ]
+        if self._count == 0:
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(c)
+        else:
+            assert self.multi_avg_fn is not None
+            grouped = _group_tensors_by_device_and_dtype([averaged, current])  # type: ignore[list-item]
+            for (device, _), ([avg_list, cur_list], _) in grouped.items():
+                self.multi_avg_fn(avg_list, cur_list, self.n_averaged.to(device))  # type: ignore[arg-type]
+        self.n_averaged += 1
+        self._count += 1
+
+
 def make_ema(model: torch.nn.Module, decay: float | None) -> AveragedModel | None:
-    """An exponential moving average of ``model`` (torch's ``AveragedModel``), or None."""
+    """An exponential moving average of ``model`` (:class:`SyncFreeEMA`), or None."""
     if decay is None:
         return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return SyncFreeEMA(model, decay)
 
 
 def optimizer_step(

@@ -176,3 +176,37 @@ def test_maybe_compile_wraps_only_when_asked() -> None:
     assert maybe_compile(net, False) is net
     compiled = maybe_compile(net, True)  # compiled lazily: nothing runs here
     assert compiled is not net and getattr(compiled, "_orig_mod", None) is net
+
+
+def test_sync_free_ema_equals_torch_averaged_model() -> None:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from medsynth.training.common import SyncFreeEMA
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))  # parameters and buffers
+    ref = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    ours = SyncFreeEMA(net, 0.9)
+    for _ in range(4):
+        net(torch.randn(8, 3))  # moves the BatchNorm buffers
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ref.update_parameters(net)
+        ours.update_parameters(net)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ours.state_dict().items())
+    # after a checkpoint load the loaded counter counts, not the one seen before: here a fresh state
+    # (counter 0) is loaded into a copy that had updated once, so the next update must copy again
+    fresh = SyncFreeEMA(net, 0.9).state_dict()
+    resumed = SyncFreeEMA(net, 0.9)
+    resumed.update_parameters(net)
+    resumed.load_state_dict(fresh)
+    ref2 = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    ref2.load_state_dict(fresh)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    for m in (ref2, resumed):
+        m.update_parameters(net)
+    assert all(torch.equal(v, ref2.state_dict()[k]) for k, v in resumed.state_dict().items())
