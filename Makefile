@@ -10,7 +10,7 @@ export PYTHONUTF8 ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup demo test test-all lint format docs bench whitepaper clean
+.PHONY: setup demo test test-all lint format docs bench bench-gpu whitepaper clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ bench: setup  ## training, preprocessing, memory and sampling benchmarks (ratios
 	$(PY) -m benchmarks.preprocessing $(BENCH_ARGS)
 	$(PY) -m benchmarks.memory $(BENCH_ARGS)
 	$(PY) -m benchmarks.sampling --config $(BENCH_SAMPLING_CONFIG) --n-masks 16 $(BENCH_ARGS)
+
+# GPU throughput and peak memory (benchmarks/gpu.py): training of the autoencoder, UNet and ControlNet
+# (and the ControlNet through MONAI's inferer) at 2D 128^2/256^2 and 3D 96^3, fp32 vs the device's mixed
+# precision, and 20-step sampling; under 8 minutes on one GPU. Needs a CUDA build of torch (README).
+bench-gpu: setup  ## GPU benchmark -> benchmarks/results/gpu.json (BENCH_GPU_ARGS=--smoke for a CPU check)
+	$(PY) -m benchmarks.gpu --device $(if $(findstring --smoke,$(BENCH_GPU_ARGS)),auto,cuda) $(BENCH_GPU_ARGS)
 
 # The whitepaper, rebuilt from the tracked runs in outputs/mlflow.db (the latest finished pipeline run of
 # each config) and the benchmark JSON in benchmarks/results/.

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from medsynth.checkpoint import Checkpoint, find_checkpoint
+from medsynth.config.generative import TilingConfig
 from medsynth.config.schema import MedsynthConfig
 from medsynth.config.stages import SamplingConfig
 from medsynth.diffusion.denoiser import Denoiser
@@ -28,6 +29,7 @@ from medsynth.diffusion.samplers import sample
 from medsynth.errors import DataError
 from medsynth.models.autoencoder import build_autoencoder, downsample_factor
 from medsynth.models.controlnet import ControlledUNet, build_controlnet, one_hot_mask
+from medsynth.models.tiling import decode_latents
 from medsynth.models.unet import build_diffusion_unet
 
 UNET, UNET_EMA, CONTROLNET, CONTROLNET_EMA = "unet", "unet_ema", "controlnet", "controlnet_ema"
@@ -127,6 +129,7 @@ class MaskGenerator:
         latent_channels: Latent channels.
         device: Device of the networks.
         hashes: SHA-256 of the weight files (provenance).
+        tiling: Tiled decoding of large images (None: always decode whole images).
     """
 
     ae: Any
@@ -137,6 +140,7 @@ class MaskGenerator:
     latent_channels: int
     device: torch.device
     hashes: dict[str, str]
+    tiling: TilingConfig | None = None
 
     @property
     def conditional(self) -> bool:
@@ -197,7 +201,7 @@ class MaskGenerator:
             cond=cond,
             eta=sampling.eta,
         )
-        img = self.ae.decode(z / self.scale_factor)
+        img = decode_latents(self.ae, z / self.scale_factor, f, self.tiling)
         return img.float().clamp(0, 1).cpu()  # type: ignore[no-any-return]
 
     @property
@@ -242,4 +246,4 @@ def load_generator(
         net = controlled.to(device).eval()
         hashes.update({f"controlnet/{n}": v for n, v in cn_ckpt.file_hashes().items()})
     objective = make_objective(cfg, latent_spatial_shape(cfg))
-    return MaskGenerator(ae, net, objective, scale, k, latent_channels(cfg), device, hashes)
+    return MaskGenerator(ae, net, objective, scale, k, latent_channels(cfg), device, hashes, cfg.autoencoder.tiling)

@@ -93,6 +93,32 @@ class DiscriminatorNetworkConfig(StrictModel):
     norm: Literal["BATCH", "INSTANCE"] = Field(default="BATCH", description="Normalisation layer type.")
 
 
+class TilingConfig(StrictModel):
+    """Sliding-window autoencoder decoding (sampling) and encoding (latent cache) of large images.
+
+    Above ``above_voxels`` voxels per image the autoencoder runs on overlapping tiles blended with
+    MONAI's ``sliding_window_inference``, so peak memory depends on the tile, not the volume. The
+    decoder's GroupNorm statistics are then per tile, so tiled output is close to, not equal to, the
+    whole-volume output (``benchmarks/memory.py`` measures the difference).
+    """
+
+    above_voxels: int | None = Field(
+        884_736,
+        ge=0,
+        description="Tile images with more voxels than this (default 96^3: every shipped config stays untiled; "
+        "0: always; None: never).",
+    )
+    tile: tuple[int, ...] = Field(
+        (64, 64, 64),
+        min_length=2,
+        max_length=3,
+        description="Tile size in image voxels (multiples of the autoencoder factor); 2D uses the first two.",
+    )
+    overlap: float = Field(0.25, ge=0, lt=1, description="Fraction of a tile shared with its neighbours.")
+    mode: Literal["gaussian", "constant"] = Field("gaussian", description="Blending weights of overlapping tiles.")
+    batch: int = Field(1, ge=1, description="Tiles run together (more: faster, more memory).")
+
+
 class AutoencoderConfig(StrictModel):
     """Autoencoder section: network and discriminator architectures (training fields go alongside)."""
 
@@ -101,6 +127,9 @@ class AutoencoderConfig(StrictModel):
     )
     discriminator: DiscriminatorNetworkConfig = Field(
         default_factory=DiscriminatorNetworkConfig, description="PatchDiscriminator architecture."
+    )
+    tiling: TilingConfig = Field(
+        default_factory=TilingConfig, description="Tiled decoding/encoding of large images (bounded memory)."
     )
 
 

@@ -38,6 +38,7 @@ from medsynth.training.common import (
     autocast,
     batch_indices,
     make_optimizer,
+    make_scaler,
     optimizer_step,
     seeded_global_rng,
     set_threads,
@@ -217,6 +218,7 @@ def train_classifier(
     torch.manual_seed(int(np.random.default_rng([seed, 3]).integers(2**62)))
     net = build_classifier(cfg, images.ndim - 2).to(dev)
     opt, sched = make_optimizer(net.parameters(), oc)
+    scaler = make_scaler(dev, oc.amp)  # fp16 (pre-Ampere GPU) needs loss scaling
     net.train()
     for step in range(oc.steps):
         if cfg.balance == "sampler":
@@ -230,7 +232,7 @@ def train_classifier(
         with autocast(dev, oc.amp), seeded_global_rng(seed, step, 0, dev):
             logits = net(x).reshape(-1)
         loss = F.binary_cross_entropy_with_logits(logits.float(), yb, pos_weight=pos_weight)
-        optimizer_step(loss, net, opt, sched, oc.grad_clip)
+        optimizer_step(loss, net, opt, sched, oc.grad_clip, scaler=scaler)
         done, loss_v = step + 1, float(loss.detach())
         progress.advance(1, f"loss={loss_v:.4f}")
         if done % 10 == 0 or done == oc.steps:

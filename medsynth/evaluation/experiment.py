@@ -74,6 +74,7 @@ import torch
 from medsynth.config.experiment import Arm
 from medsynth.config.schema import MedsynthConfig
 from medsynth.config.stages import SamplingConfig
+from medsynth.config.training import RUNTIME_FIELDS
 from medsynth.data.dataset import ArraySet
 from medsynth.errors import ConfigError, DataError, MedsynthError
 from medsynth.evaluation.classifier import (
@@ -94,6 +95,7 @@ from medsynth.training.common import (
     autocast,
     batch_indices,
     make_optimizer,
+    make_scaler,
     optimizer_step,
     seeded_global_rng,
     set_threads,
@@ -595,6 +597,7 @@ def train_cell_segmenter(
     torch.manual_seed(int(np.random.default_rng([seed, 3]).integers(2**62)))
     net = build_segmenter(cfg, num_classes).to(dev)
     opt, sched = make_optimizer(net.parameters(), oc)
+    scaler = make_scaler(dev, oc.amp)  # fp16 (pre-Ampere GPU) needs loss scaling
     loss_fn = DiceCELoss(
         include_background=sc.include_background,
         to_onehot_y=True,
@@ -613,7 +616,7 @@ def train_cell_segmenter(
         with autocast(dev, oc.amp), seeded_global_rng(seed, step, 0, dev):
             logits = net(x)
         loss = loss_fn(logits.float(), y)
-        optimizer_step(loss, net, opt, sched, oc.grad_clip)
+        optimizer_step(loss, net, opt, sched, oc.grad_clip, scaler=scaler)
         if (step + 1) % 10 == 0 or step + 1 == oc.steps:
             tracker.log_metrics({"train_loss": float(loss.detach())}, step=step + 1)
     return Segmenter(net, num_classes, roi, labels).eval()
@@ -685,10 +688,10 @@ def grid_key(
     ec = cfg.experiment.model_dump(mode="json")
     for k in ("fractions", "ratios", "seeds", "arms", "n_bootstrap", "ci", "bootstrap_seed", "predict_batch_size"):
         ec.pop(k, None)
-    ec["train"] = {k: v for k, v in ec["train"].items() if k != "num_threads"}
+    ec["train"] = {k: v for k, v in ec["train"].items() if k not in RUNTIME_FIELDS}
     seg = cfg.segmenter.model_dump(mode="json") if task == "segmentation" else None
     if seg is not None:
-        seg["train"] = {k: v for k, v in seg["train"].items() if k != "num_threads"}
+        seg["train"] = {k: v for k, v in seg["train"].items() if k not in RUNTIME_FIELDS}
     return sha256_json(
         {
             "task": task,

@@ -37,7 +37,14 @@ from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import ArraySet, load_split
 from medsynth.errors import DataError
 from medsynth.training.autoencoder import StageResult, metrics_of
-from medsynth.training.common import autocast, batch_indices, make_optimizer, optimizer_step, set_threads
+from medsynth.training.common import (
+    autocast,
+    batch_indices,
+    make_optimizer,
+    make_scaler,
+    optimizer_step,
+    set_threads,
+)
 from medsynth.training.context import StageContext, StepTimer
 
 ENCODER = "feature_encoder"
@@ -163,6 +170,7 @@ def train_feature_encoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: Stage
     torch.manual_seed(oc.seed)
     enc = build_feature_encoder(fc, cfg.preprocess.spatial_dims, train.num_classes).to(dev)
     opt, sched = make_optimizer(enc.parameters(), oc)
+    scaler = make_scaler(dev, oc.amp)  # fp16 (pre-Ampere GPU) needs loss scaling
     start = 0
     latest = resumable_checkpoint(ctx.run_dir, ctx.input_key, ctx.resume)
     if latest is not None:
@@ -180,7 +188,7 @@ def train_feature_encoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: Stage
         enc.train()
         with autocast(dev, oc.amp):
             loss = F.mse_loss(enc(x).float(), target)
-        optimizer_step(loss, enc, opt, sched, oc.grad_clip, step=step, where=ctx.run_dir)
+        optimizer_step(loss, enc, opt, sched, oc.grad_clip, scaler=scaler, step=step, where=ctx.run_dir)
         # --- logging, validation, checkpoints ---
         done, loss_v = step + 1, float(loss.detach())
         ctx.progress.advance(1, f"loss={loss_v:.4f}")

@@ -41,6 +41,7 @@ from medsynth.training.common import (
     batch_indices,
     make_ema,
     make_optimizer,
+    make_scaler,
     optimizer_step,
     seeded_global_rng,
     set_threads,
@@ -255,6 +256,7 @@ def train_segmenter(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageContex
     torch.manual_seed(oc.seed)
     net = build_segmenter(cfg, num_classes).to(dev)
     opt, sched = make_optimizer(net.parameters(), oc)
+    scaler = make_scaler(dev, oc.amp)  # fp16 (pre-Ampere GPU) needs loss scaling
     ema = make_ema(net, oc.ema_decay)
     networks: dict[str, torch.nn.Module] = {SEG: net, **({SEG_EMA: ema} if ema else {})}
     start = 0
@@ -292,7 +294,7 @@ def train_segmenter(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageContex
             logits = model(x)
         loss = loss_fn(logits.float(), y)
         # --- update: clip, step, warm-up schedule, EMA ---
-        optimizer_step(loss, net, opt, sched, oc.grad_clip, ema, step=step, where=ctx.run_dir)
+        optimizer_step(loss, net, opt, sched, oc.grad_clip, ema, scaler=scaler, step=step, where=ctx.run_dir)
         # --- logging, validation Dice, checkpoints ---
         done, loss_v = step + 1, float(loss.detach())
         ctx.progress.advance(1, f"loss={loss_v:.4f}")

@@ -85,6 +85,31 @@ def build_controlnet(
     )
 
 
+def fuse_swish(module: nn.Module) -> int:
+    """Replace MONAI ``Swish`` activations (``x * sigmoid(alpha * x)``, alpha 1) by ``nn.SiLU`` in place.
+
+    The same function in one fused kernel instead of three elementwise passes (and their saved
+    tensors): MONAI's ControlNet conditioning embedding uses ``Swish`` at full mask resolution, where
+    it costs about 8% of a CPU training step. Values agree to float rounding (not bit for bit), so
+    the training loop applies it only under mixed precision, keeping fp32 runs bit-identical.
+
+    Args:
+        module: Any network (no parameters are touched).
+
+    Returns:
+        The number of activations replaced.
+    """
+    from monai.networks.blocks.activation import Swish
+
+    n = 0
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, Swish) and float(child.alpha) == 1.0:
+                setattr(parent, name, nn.SiLU())
+                n += 1
+    return n
+
+
 def init_controlnet_from_unet(controlnet: ControlNet, unet: DiffusionModelUNet) -> tuple[list[str], list[str]]:
     """Copies the trained UNet's encoder weights into the ControlNet (in place).
 
@@ -112,7 +137,9 @@ def init_controlnet_from_unet(controlnet: ControlNet, unet: DiffusionModelUNet) 
     return missing, unexpected
 
 
-def one_hot_mask(mask_int: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def one_hot_mask(
+    mask_int: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32, check: bool = True
+) -> torch.Tensor:
     """One-hot encodes a label map in MONAI's channel-first layout.
 
     Args:
@@ -120,15 +147,22 @@ def one_hot_mask(mask_int: torch.Tensor, num_classes: int, dtype: torch.dtype = 
             floating dtype holding whole numbers.
         num_classes: Number of classes, background included.
         dtype: Output dtype.
+        check: Validate the values (reads them back: a host sync on a GPU). Training loops validate
+            their whole split once and pass False per batch.
 
     Returns:
         One-hot mask (B, num_classes, *S) with values in {0, 1}.
 
     Raises:
-        ValueError: On a wrong shape, non-integral values or labels outside [0, num_classes).
+        ValueError: On a wrong shape, or (when ``check``) non-integral values or labels outside
+            [0, num_classes).
     """
     if mask_int.ndim < 3 or mask_int.shape[1] != 1:
         raise ValueError(f"expected a label map of shape (B, 1, *spatial), got {tuple(mask_int.shape)}")
+    if not check:  # scatter: no read-back of the labels (F.one_hot checks their range)
+        shape = (mask_int.shape[0], num_classes, *mask_int.shape[2:])
+        out = torch.zeros(shape, dtype=dtype, device=mask_int.device)
+        return out.scatter_(1, mask_int.long(), 1.0)
     if mask_int.is_floating_point() and not torch.equal(mask_int, mask_int.round()):
         raise ValueError("floating-point label map holds non-integral values")
     labels = mask_int[:, 0].long()

@@ -151,6 +151,7 @@ class Stage:
         fan_out: The stage runs many independent items (Prefect runs it as a subflow fanning out
             items through the config's task runner; otherwise as one task with retries).
         progress_total: Steps for a progress bar (e.g. training steps), from the config.
+        ignores: Dotted fields inside ``reads`` that do not change this stage's outputs (left out of its key).
         managed: Whether a run with these options writes the pipeline's own outputs (cached and
             stamped); an ad hoc run (e.g. into the user's folder) is neither.
         in_pipeline: Part of ``medsynth run``; False for on-demand stages such as ``export``.
@@ -172,6 +173,7 @@ class Stage:
     enabled: Callable[[MedsynthConfig], bool] = lambda cfg: True
     fan_out: bool = False
     progress_total: Callable[[MedsynthConfig], int] | None = None
+    ignores: tuple[str, ...] = ()
     managed: Callable[[BaseModel | None], bool] = lambda options: True
     in_pipeline: bool = True
 

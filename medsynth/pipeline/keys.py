@@ -23,7 +23,9 @@ from medsynth.fileio import sha256_json, write_json_atomic
 from medsynth.pipeline.declare import Stage
 
 STAMP = "stage.json"
-RUNTIME_ONLY = ("num_threads",)
+from medsynth.config.training import RUNTIME_FIELDS
+
+RUNTIME_ONLY = tuple(RUNTIME_FIELDS)
 """Fields that change how fast a stage runs, not what it produces: left out of input keys."""
 
 
@@ -63,8 +65,13 @@ def section(cfg: MedsynthConfig, dotted: str) -> Any:
 
 
 def sections(cfg: MedsynthConfig, stage: Stage) -> dict[str, Any]:
-    """Every section a stage reads, by dotted name."""
-    return {name: section(cfg, name) for name in sorted(stage.reads)}
+    """Every section a stage reads, by dotted name, without the fields the stage ``ignores``."""
+    out = {name: section(cfg, name) for name in sorted(stage.reads)}
+    for dotted in stage.ignores:
+        head, _, field = dotted.rpartition(".")
+        if isinstance(out.get(head), dict):
+            out[head].pop(field, None)
+    return out
 
 
 def stamp_path(root: Path, stage: Stage) -> Path:

@@ -679,6 +679,7 @@ register_stage(
         "autoencoder",
         run_autoencoder,
         reads=("autoencoder",),
+        ignores=("autoencoder.tiling",),  # decoding/encoding in tiles: read by the stages that decode
         after=("preprocess",),
         result=TrainResult,
         cli=("train", "autoencoder"),
@@ -692,6 +693,7 @@ register_stage(
     Stage(
         "latents",
         run_latents,
+        reads=("autoencoder.tiling",),
         after=("autoencoder", "preprocess"),
         cli=("train", "latents"),
         digest=_latents_digest,
@@ -769,7 +771,7 @@ register_stage(
     Stage(
         "synthesize",
         run_synthesize,
-        reads=("synthesis", "sampling"),
+        reads=("synthesis", "sampling", "autoencoder.tiling"),
         after=("generator", "preprocess"),
         result=SynthesisResult,
         folder="synthetic",
@@ -785,7 +787,7 @@ register_stage(
     Stage(
         "validate",
         run_validate,
-        reads=("validation", "sampling"),
+        reads=("validation", "sampling", "autoencoder.tiling"),
         after=("generator", "segmenter", "features", "preprocess"),
         version=3,  # 2: label contrast; 3: contrast, worst cases and diversity on the lesion label only
         folder="validation",
@@ -799,7 +801,7 @@ register_stage(
     Stage(
         "experiment",
         run_experiment,
-        reads=("experiment", "sampling", "segmenter"),
+        reads=("experiment", "sampling", "segmenter", "autoencoder.tiling"),
         after=("generator", "preprocess"),
         cli=("experiment",),
         fan_out=True,

@@ -23,16 +23,20 @@ from medsynth.errors import DataError
 from medsynth.generator import AE, AE_EMA
 from medsynth.models.autoencoder import build_autoencoder, build_discriminator, encode_mean
 from medsynth.training.common import (
-    autocast,
     batch_indices,
+    batch_layout,
+    channels_last,
     make_ema,
     make_optimizer,
+    maybe_compile,
     optimizer_step,
     seeded_global_rng,
     set_threads,
+    stage_split,
     wrap_ddp,
 )
-from medsynth.training.context import StageContext, StepTimer
+from medsynth.training.context import StageContext, StepMeans, StepTimer, log_due
+from medsynth.training.precision import policy_for
 from medsynth.viz import save_grid, to_2d
 
 DISC = "discriminator"
@@ -116,11 +120,15 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
 
     # --- networks, optimisers, EMA ---
     torch.manual_seed(oc.seed)
-    ae = build_autoencoder(sc, dims).to(dev)
-    opt, sched = make_optimizer(ae.parameters(), oc)
+    ae = channels_last(build_autoencoder(sc, dims).to(dev), oc.channels_last, dims)
+    opt, sched = make_optimizer(ae.parameters(), oc, dev)
     ema = make_ema(ae, oc.ema_decay)
     disc = build_discriminator(sc, dims).to(dev) if sc.adv_weight > 0 else None
+    if disc is not None:
+        channels_last(disc, oc.channels_last, dims)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=sc.disc_lr) if disc is not None else None
+    precision = policy_for(dev, oc.amp)  # bf16 / fp16 + loss scaling / fp32 by device capability
+    scaler, scaler_d = precision.make_scaler(), (precision.make_scaler() if disc is not None else None)
     perceptual = None
     if sc.perceptual_weights and sc.perceptual_weight > 0:
         from monai.losses import PerceptualLoss
@@ -134,11 +142,13 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
     if disc is not None:
         networks[DISC] = disc
     optimizers: dict[str, torch.optim.Optimizer] = {"ae": opt, **({"disc": opt_d} if opt_d else {})}
+    schedulers: dict[str, Any] = {"ae": sched}  # plus the loss scalers of fp16 training (their state resumes)
+    schedulers.update({k: v for k, v in (("ae_scaler", scaler), ("disc_scaler", scaler_d)) if v is not None})
     start = 0
     latest = resumable_checkpoint(ctx.run_dir, ctx.input_key, ctx.resume)
     if latest is not None:
-        start = restore_training_state(latest, networks, optimizers, {"ae": sched})
-    model = wrap_ddp(ae, ctx.dist, dev)
+        start = restore_training_state(latest, networks, optimizers, schedulers)
+    model = maybe_compile(wrap_ddp(ae, ctx.dist, dev), oc.compile)
     d_model = wrap_ddp(disc, ctx.dist, dev) if disc is not None else None
     from monai.losses import PatchAdversarialLoss
 
@@ -146,14 +156,16 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
     timer = StepTimer("autoencoder", start, oc.steps, ctx.dist.is_main)
     val_x = val.images[: max(oc.batch_size * oc.val_batches, 1)]
     metrics: dict[str, float] = {}
+    means, info = StepMeans(), ""
+    train_images = stage_split(train.images, dev, oc.device_data_mb)  # on the GPU once when it fits
 
     for step in range(start, oc.steps):
         # --- batch ---
         idx = batch_indices(len(train), step, oc.batch_size, oc.seed, ctx.dist.rank, ctx.dist.world_size)
-        x = train.images[idx].to(dev)
+        x = batch_layout(train_images[idx].to(dev, non_blocking=True), oc.channels_last)
         # --- generator step: reconstruction + KL (+ adversarial, + perceptual) ---
         model.train()
-        with autocast(dev, oc.amp):
+        with precision.autocast():
             # the posterior sample is drawn from the global RNG: seed it per step so resuming is exact
             with seeded_global_rng(oc.seed, step, ctx.dist.rank, dev):
                 recon, mu, sigma = model(x)
@@ -166,23 +178,24 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
             if use_adv and d_model is not None:
                 g_adv = adv(d_model(recon.float())[-1], target_is_real=True, for_discriminator=False)
                 loss = loss + sc.adv_weight * g_adv
-        optimizer_step(loss, ae, opt, sched, oc.grad_clip, ema, step=step, where=ctx.run_dir)
+        optimizer_step(loss, ae, opt, sched, oc.grad_clip, ema, scaler, step=step, where=ctx.run_dir)
         # --- discriminator step ---
-        if use_adv and d_model is not None and opt_d is not None:
-            with autocast(dev, oc.amp):
+        if use_adv and d_model is not None and disc is not None and opt_d is not None:
+            with precision.autocast():
                 d_fake = adv(d_model(recon.detach().float())[-1], target_is_real=False, for_discriminator=True)
                 d_real = adv(d_model(x)[-1], target_is_real=True, for_discriminator=True)
                 d_loss = 0.5 * (d_fake + d_real)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-        # --- logging, validation, checkpoints ---
+            optimizer_step(d_loss, disc, opt_d, scaler=scaler_d)
+        # --- logging (the only host sync: means since the last log), validation, checkpoints ---
         done = step + 1
-        m = {"loss": loss.item(), "l1": l1.item(), "kl": kl.item()}
-        ctx.progress.advance(1, f"l1={m['l1']:.4f}")
-        timer.tick(done, m)
-        if ctx.dist.is_main and (done % 10 == 0 or done == oc.steps):
-            ctx.tracker.log_metrics({f"ae/train_{k}": v for k, v in m.items()}, step=done)
+        means.add(loss=loss, l1=l1, kl=kl)
+        if log_due(done, oc.steps):
+            m = means.means()
+            info = f"l1={m['l1']:.4f}"
+            timer.tick(done, m)
+            if ctx.dist.is_main:
+                ctx.tracker.log_metrics({f"ae/train_{k}": v for k, v in m.items()}, step=done)
+        ctx.progress.advance(1, info)
         if ctx.dist.is_main and (done % oc.val_every == 0 or done == oc.steps):
             eval_net = ema.module if ema is not None else ae
             eval_net.eval()
@@ -192,7 +205,7 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
             grid = _sample_grid(ctx.run_dir / "samples" / f"recon_step{done:07d}.png", val_x, rec)
             ctx.tracker.log_artifact(grid, "samples/autoencoder")
         if ctx.dist.is_main and done % oc.ckpt_every == 0 and done < oc.steps:
-            ctx.save(done, networks, optimizers, {"ae": sched}, cfg, oc.keep_checkpoints)
+            ctx.save(done, networks, optimizers, schedulers, cfg, oc.keep_checkpoints)
 
     # --- latent scale factor from the training data, final checkpoint ---
     final_net = ema.module if ema is not None else ae
@@ -204,7 +217,7 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
             oc.steps,
             networks,
             optimizers,
-            {"ae": sched},
+            schedulers,
             cfg,
             oc.keep_checkpoints,
             final=True,

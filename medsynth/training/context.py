@@ -100,6 +100,43 @@ class StageContext:
         )
 
 
+#: Optimiser steps between training-metric logs (the only host synchronisations of a training loop).
+LOG_EVERY = 10
+
+
+def log_due(done: int, total: int, every: int = LOG_EVERY) -> bool:
+    """True after step ``done`` (1-based) when training metrics are read back and logged."""
+    return done % every == 0 or done == total
+
+
+class StepMeans:
+    """Per-step scalars summed on the device; read back (one host sync) only when logged.
+
+    Calling ``loss.item()`` every step stalls a GPU pipeline; instead each step's detached values
+    are added to device tensors and :meth:`means` returns the means since the previous read.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._n = 0
+
+    def add(self, **values: torch.Tensor) -> None:
+        """Accumulate this step's scalar tensors (detached; no synchronisation)."""
+        for k, v in values.items():
+            v = v.detach().float()
+            self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
+        self._n += 1
+
+    def means(self) -> dict[str, float]:
+        """Means over the steps since the last call (one host sync), then reset."""
+        if not self._n:
+            return {}
+        keys = list(self._sums)
+        vals = (torch.stack([self._sums[k] for k in keys]) / self._n).tolist()
+        self._sums, self._n = {}, 0
+        return dict(zip(keys, vals, strict=True))
+
+
 class StepTimer:
     """Logs loss, rate and ETA every ``every_s`` seconds (rank 0 only)."""
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +21,7 @@ from medsynth.config.loader import save_resolved
 from medsynth.config.schema import MedsynthConfig
 from medsynth.config.stages import ControlNetStage
 from medsynth.diffusion.objectives import DiffusionObjective
+from medsynth.errors import DataError
 from medsynth.generator import (
     CONTROLNET,
     CONTROLNET_EMA,
@@ -27,21 +31,25 @@ from medsynth.generator import (
     make_objective,
 )
 from medsynth.models.autoencoder import downsample_factor
-from medsynth.models.controlnet import ControlledUNet, one_hot_mask
+from medsynth.models.controlnet import ControlledUNet, fuse_swish, one_hot_mask
 from medsynth.training.autoencoder import StageResult, metrics_of
 from medsynth.training.common import (
-    autocast,
     batch_indices,
+    batch_layout,
+    channels_last,
     make_ema,
     make_optimizer,
+    maybe_compile,
     optimizer_step,
     set_threads,
+    stage_split,
     step_generator,
     wrap_ddp,
 )
-from medsynth.training.context import StageContext, StepTimer
+from medsynth.training.context import StageContext, StepMeans, StepTimer, log_due
 from medsynth.training.denoising import bind_cond, denoising_loss, label_weight_map, validation_loss
 from medsynth.training.latents import LatentSet, load_latents
+from medsynth.training.precision import AmpPolicy, policy_for
 from medsynth.viz import overlay_rgb, save_grid, to_2d
 
 
@@ -77,7 +85,8 @@ def controlnet_loss(
     g: torch.Generator,
     sc: ControlNetStage,
     factor: int,
-    amp: str = "none",
+    precision: AmpPolicy | None = None,
+    layout_channels_last: bool = False,
 ) -> torch.Tensor:
     """The ControlNet training loss on one batch of the latent cache.
 
@@ -93,17 +102,18 @@ def controlnet_loss(
         g: Generator of this step's noise, timesteps and mask dropout.
         sc: ControlNet section (``label_weights``, ``mask_dropout``).
         factor: The autoencoder's image-to-latent factor.
-        amp: Mixed-precision mode (CUDA only).
+        precision: Mixed-precision policy of the forward pass (None: fp32).
+        layout_channels_last: Give 2D batches the channels-last memory format.
 
     Returns:
         Scalar loss.
     """
     dev = g.device
-    x0 = data.latents[idx].to(dev) * data.scale_factor
-    onehot = one_hot_mask(data.masks[idx].to(dev).long(), data.num_classes)
+    x0 = batch_layout(data.latents[idx].to(dev, non_blocking=True) * data.scale_factor, layout_channels_last)
+    onehot = one_hot_mask(data.masks[idx].to(dev, non_blocking=True), data.num_classes, check=False)
     weights = label_weight_map(onehot, sc.label_weights, factor)
-    cond = drop_masks(onehot, sc.mask_dropout, g)
-    with autocast(dev, amp):
+    cond = batch_layout(drop_masks(onehot, sc.mask_dropout, g), layout_channels_last)
+    with precision.autocast() if precision is not None else contextlib.nullcontext():
         return denoising_loss(bind_cond(model, cond), objective, x0, g, weights)
 
 
@@ -143,36 +153,56 @@ def train_controlnet(
     # --- networks: frozen UNet + ControlNet initialised from it; optimiser over the ControlNet only ---
     torch.manual_seed(oc.seed)
     unet = load_unet(cfg, unet_run, dev)
-    controlled = build_controlled(cfg, unet, train.num_classes).to(dev)
+    dims = cfg.preprocess.spatial_dims
+    controlled = channels_last(build_controlled(cfg, unet, train.num_classes).to(dev), oc.channels_last, dims)
     cn = controlled.controlnet
-    opt, sched = make_optimizer(cn.parameters(), oc)
+    opt, sched = make_optimizer(cn.parameters(), oc, dev)
     ema = make_ema(cn, oc.ema_decay)
+    precision = policy_for(dev, oc.amp)  # bf16 / fp16 + loss scaling / fp32 by device capability
+    scaler = precision.make_scaler()
+    if precision.enabled:  # one fused SiLU kernel for MONAI's Swish (fp32 stays bit-identical without it)
+        fuse_swish(controlled)
     networks: dict[str, torch.nn.Module] = {CONTROLNET: cn, **({CONTROLNET_EMA: ema} if ema else {})}
+    schedulers: dict[str, Any] = {"controlnet": sched, **({"controlnet_scaler": scaler} if scaler is not None else {})}
     start = 0
     latest = resumable_checkpoint(ctx.run_dir, ctx.input_key, ctx.resume)
     if latest is not None:
-        start = restore_training_state(latest, networks, {"controlnet": opt}, {"controlnet": sched})
-    model = wrap_ddp(controlled, ctx.dist, dev)
+        start = restore_training_state(latest, networks, {"controlnet": opt}, schedulers)
+    model = maybe_compile(wrap_ddp(controlled, ctx.dist, dev), oc.compile)
     timer = StepTimer("controlnet", start, oc.steps, ctx.dist.is_main)
     metrics: dict[str, float] = {}
+    means, info = StepMeans(), ""
+    one_hot_mask(train.masks[:1].long(), train.num_classes)  # shape check; the value range below, once
+    if len(train) and (int(train.masks.min()) < 0 or int(train.masks.max()) >= train.num_classes):
+        raise DataError(latent_dir / "train.npz", f"mask labels outside [0, {train.num_classes})")
+    # the split on the GPU once when it fits (pinned host memory otherwise); unchanged on CPU
+    staged = replace(
+        train,
+        latents=stage_split(train.latents, dev, oc.device_data_mb),
+        masks=stage_split(train.masks, dev, oc.device_data_mb),
+    )
 
     for step in range(start, oc.steps):
         idx = batch_indices(len(train), step, oc.batch_size, oc.seed, ctx.dist.rank, ctx.dist.world_size)
         g = step_generator(oc.seed, step, ctx.dist.rank, dev)
         model.train()
-        loss = controlnet_loss(model, objective, train, idx, g, sc, factor, oc.amp)
-        optimizer_step(loss, cn, opt, sched, oc.grad_clip, ema, step=step, where=ctx.run_dir)  # ControlNet only
-        # --- logging, validation, checkpoints ---
+        loss = controlnet_loss(model, objective, staged, idx, g, sc, factor, precision, oc.channels_last)
+        optimizer_step(loss, cn, opt, sched, oc.grad_clip, ema, scaler, step=step, where=ctx.run_dir)
+        # --- logging (the only host sync: means since the last log), validation, checkpoints ---
         done = step + 1
-        ctx.progress.advance(1, f"loss={loss.item():.4f}")
-        timer.tick(done, {"loss": loss.item()})
-        if ctx.dist.is_main and (done % 10 == 0 or done == oc.steps):
-            ctx.tracker.log_metrics({"controlnet/train_loss": loss.item()}, step=done)
+        means.add(loss=loss)
+        if log_due(done, oc.steps):
+            m = means.means()
+            info = f"loss={m['loss']:.4f}"
+            timer.tick(done, m)
+            if ctx.dist.is_main:
+                ctx.tracker.log_metrics({"controlnet/train_loss": m["loss"]}, step=done)
+        ctx.progress.advance(1, info)
         if ctx.dist.is_main and (done % oc.val_every == 0 or done == oc.steps):
             metrics = {"val_loss": _ema_val_loss(controlled, ema, objective, val, oc.batch_size, oc.val_batches, dev)}
             ctx.tracker.log_metrics({"controlnet/val_loss": metrics["val_loss"]}, step=done)
         if ctx.dist.is_main and done % oc.ckpt_every == 0 and done < oc.steps:
-            ctx.save(done, networks, {"controlnet": opt}, {"controlnet": sched}, cfg, oc.keep_checkpoints)
+            ctx.save(done, networks, {"controlnet": opt}, schedulers, cfg, oc.keep_checkpoints)
 
     # --- final checkpoint and a mask-conditioned sample grid on validation masks ---
     if not ctx.dist.is_main:
@@ -181,7 +211,7 @@ def train_controlnet(
         oc.steps,
         networks,
         {"controlnet": opt},
-        {"controlnet": sched},
+        schedulers,
         cfg,
         oc.keep_checkpoints,
         final=True,

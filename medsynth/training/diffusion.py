@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,18 +19,22 @@ from medsynth.generator import UNET, UNET_EMA, load_generator, make_objective, u
 from medsynth.models.unet import build_diffusion_unet
 from medsynth.training.autoencoder import StageResult, metrics_of
 from medsynth.training.common import (
-    autocast,
     batch_indices,
+    batch_layout,
+    channels_last,
     make_ema,
     make_optimizer,
+    maybe_compile,
     optimizer_step,
     set_threads,
+    stage_split,
     step_generator,
     wrap_ddp,
 )
-from medsynth.training.context import StageContext, StepTimer
+from medsynth.training.context import StageContext, StepMeans, StepTimer, log_due
 from medsynth.training.denoising import bind_cond, denoising_loss, validation_loss
 from medsynth.training.latents import LatentSet, load_latents
+from medsynth.training.precision import policy_for
 from medsynth.viz import save_grid, to_2d
 
 
@@ -66,34 +72,45 @@ def train_diffusion(
 
     # --- network, optimiser, EMA, resume ---
     torch.manual_seed(oc.seed)
-    unet = build_diffusion_unet(sc, cfg.preprocess.spatial_dims, int(train.latents.shape[1])).to(dev)
-    opt, sched = make_optimizer(unet.parameters(), oc)
+    dims = cfg.preprocess.spatial_dims
+    unet = channels_last(build_diffusion_unet(sc, dims, int(train.latents.shape[1])).to(dev), oc.channels_last, dims)
+    opt, sched = make_optimizer(unet.parameters(), oc, dev)
     ema = make_ema(unet, oc.ema_decay)
+    precision = policy_for(dev, oc.amp)  # bf16 / fp16 + loss scaling / fp32 by device capability
+    scaler = precision.make_scaler()
     networks: dict[str, torch.nn.Module] = {UNET: unet, **({UNET_EMA: ema} if ema else {})}
+    schedulers: dict[str, Any] = {"unet": sched, **({"unet_scaler": scaler} if scaler is not None else {})}
     start = 0
     latest = resumable_checkpoint(ctx.run_dir, ctx.input_key, ctx.resume)
     if latest is not None:
-        start = restore_training_state(latest, networks, {"unet": opt}, {"unet": sched})
-    model = wrap_ddp(unet, ctx.dist, dev)
+        start = restore_training_state(latest, networks, {"unet": opt}, schedulers)
+    model = maybe_compile(wrap_ddp(unet, ctx.dist, dev), oc.compile)
     timer = StepTimer("diffusion", start, oc.steps, ctx.dist.is_main)
     metrics: dict[str, float] = {}
+    means, info = StepMeans(), ""
+    # the split on the GPU once when it fits (pinned host memory otherwise); unchanged on CPU
+    staged = replace(train, latents=stage_split(train.latents, dev, oc.device_data_mb))
 
     for step in range(start, oc.steps):
         # --- batch and loss ---
         idx = batch_indices(len(train), step, oc.batch_size, oc.seed, ctx.dist.rank, ctx.dist.world_size)
-        x0 = train.latents[idx].to(dev) * train.scale_factor
+        x0 = batch_layout(staged.latents[idx].to(dev, non_blocking=True) * train.scale_factor, oc.channels_last)
         g = step_generator(oc.seed, step, ctx.dist.rank, dev)
         model.train()
-        with autocast(dev, oc.amp):
+        with precision.autocast():
             loss = denoising_loss(bind_cond(unconditional(model), None), objective, x0, g)
         # --- update ---
-        optimizer_step(loss, unet, opt, sched, oc.grad_clip, ema, step=step, where=ctx.run_dir)
-        # --- logging, validation, checkpoints ---
+        optimizer_step(loss, unet, opt, sched, oc.grad_clip, ema, scaler, step=step, where=ctx.run_dir)
+        # --- logging (the only host sync: means since the last log), validation, checkpoints ---
         done = step + 1
-        ctx.progress.advance(1, f"loss={loss.item():.4f}")
-        timer.tick(done, {"loss": loss.item()})
-        if ctx.dist.is_main and (done % 10 == 0 or done == oc.steps):
-            ctx.tracker.log_metrics({"unet/train_loss": loss.item()}, step=done)
+        means.add(loss=loss)
+        if log_due(done, oc.steps):
+            m = means.means()
+            info = f"loss={m['loss']:.4f}"
+            timer.tick(done, m)
+            if ctx.dist.is_main:
+                ctx.tracker.log_metrics({"unet/train_loss": m["loss"]}, step=done)
+        ctx.progress.advance(1, info)
         if ctx.dist.is_main and (done % oc.val_every == 0 or done == oc.steps):
             eval_net = ema.module if ema is not None else unet
             vl = validation_loss(
@@ -108,7 +125,7 @@ def train_diffusion(
             metrics = {"val_loss": vl}
             ctx.tracker.log_metrics({"unet/val_loss": metrics["val_loss"]}, step=done)
         if ctx.dist.is_main and done % oc.ckpt_every == 0 and done < oc.steps:
-            ctx.save(done, networks, {"unet": opt}, {"unet": sched}, cfg, oc.keep_checkpoints)
+            ctx.save(done, networks, {"unet": opt}, schedulers, cfg, oc.keep_checkpoints)
 
     # --- final checkpoint and an unconditional sample grid ---
     if not ctx.dist.is_main:
@@ -117,7 +134,7 @@ def train_diffusion(
         oc.steps,
         networks,
         {"unet": opt},
-        {"unet": sched},
+        schedulers,
         cfg,
         oc.keep_checkpoints,
         final=True,

@@ -14,7 +14,8 @@ from medsynth.data.dataset import load_split
 from medsynth.errors import DataError
 from medsynth.fileio import sha256_file, write_atomic, write_json_atomic
 from medsynth.generator import load_autoencoder
-from medsynth.models.autoencoder import encode_mean
+from medsynth.models.autoencoder import downsample_factor
+from medsynth.models.tiling import encode_latent_means
 from medsynth.progress import NullProgress, Progress
 
 
@@ -64,10 +65,12 @@ def encode_split(
     ae, scale = load_autoencoder(cfg, ckpt, dev)
     data = load_split(cache_dir, split)
     prog = progress or NullProgress()
+    factor = downsample_factor(cfg.autoencoder)
     zs = []
     with torch.no_grad():
         for i in range(0, len(data), batch):
-            zs.append(encode_mean(ae, data.images[i : i + batch].to(dev)).float().cpu())
+            x = data.images[i : i + batch].to(dev)
+            zs.append(encode_latent_means(ae, x, factor, cfg.autoencoder.tiling).float().cpu())
             prog.advance(min(batch, len(data) - i))
     z = torch.cat(zs).numpy()
     target = Path(out_dir) / f"{split}.npz"

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # `benchmarks` is a top-level folder of the repository, not an installed package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import common, guidance, memory, preprocessing, sampling, training  # noqa: E402
+from benchmarks import common, gpu, guidance, memory, preprocessing, sampling, training  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -206,11 +206,21 @@ def test_training_benchmark_toy(cfg2d: Path, tmp_path: Path, capsys: pytest.Capt
     argv = ["--config", str(cfg2d), "--steps", "2", "--warmup", "1", "--rounds", "1", "--device", "cpu"]
     assert training.main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "target: medsynth >= 1.5x" in printed and ("PASS" in printed or "FAIL" in printed)
+    assert "target: medsynth (bf16) >= 1.5x the MONAI inferer's (fp32)" in printed
+    assert "PASS" in printed or "FAIL" in printed
     data = json.loads(out.read_text(encoding="utf-8"))
-    base, ours = data["rows"]
+    # baseline fp32 first; both trainers at both precisions (the target pairs medsynth bf16 with MONAI fp32)
+    assert [(r["who"], r["precision"]) for r in data["rows"]] == [
+        ("monai", "fp32"),
+        ("monai", "bf16"),
+        ("medsynth", "fp32"),
+        ("medsynth", "bf16"),
+    ]
+    base, ours = data["rows"][0], data["rows"][3]
     assert base["baseline"] and base["ratio"] == 1.0 and not ours["baseline"]
     assert ours["ratio"] == pytest.approx(ours["samples_per_s"] / base["samples_per_s"])
+    assert data["target"]["value"] == ours["ratio"]
+    assert set(data["equal_precision_ratios"]) == {"fp32", "bf16"}
     assert data["settings"]["batch_size"] == 2 and data["settings"]["steps_per_round"] == 2
     assert data["target"]["passed"] == (ours["ratio"] >= training.TARGET)
     assert data["command"].startswith("python -m benchmarks.training --config")
@@ -232,9 +242,41 @@ def test_training_trainers_match_the_stage_setup(cfg2d: Path) -> None:
     assert len(base.cn.controlnet_cond_embedding.blocks) == 0  # the inferer feeds a latent-size mask
     assert len(ours.cn.controlnet_cond_embedding.blocks) == 2  # one stride-2 stage for AE factor 2
     frozen = [p.clone() for p in ours.model.unet.parameters()]
-    assert math.isfinite(ours.step()) and math.isfinite(base.step())
+    assert math.isfinite(ours.step().item()) and math.isfinite(base.step().item())
     assert all(torch.equal(a, b) for a, b in zip(frozen, ours.model.unet.parameters(), strict=True))
     assert ours.step_index == 1 and base.step_index == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# gpu (its CPU smoke mode: every workload at tiny sizes, fp32 and bf16)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_gpu_benchmark_smoke_on_cpu(cfg2d: Path, cfg3d: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    argv = ["--smoke", "--device", "cpu", "--threads", "1", "--config-2d", str(cfg2d), "--config-3d", str(cfg3d)]
+    assert gpu.main([*argv, "--sizes-2d", "16", "--sizes-3d", "16", "--out", str(out)]) == 0
+    data = json.loads(out.read_text(encoding="utf-8"))
+    rows = data["rows"]
+    assert {(r["workload"], r["dims"], r["precision"]) for r in rows} == {
+        (w, d, p) for w in gpu.WORKLOADS for d in (2, 3) for p in ("fp32", "bf16")
+    }
+    assert all(r["status"] == "ok" and r["samples_per_s"] > 0 and r["peak_mb"] is None for r in rows)
+    for r in rows:
+        if r["workload"] == "controlnet":
+            base = next(
+                b
+                for b in rows
+                if b["workload"] == "controlnet_monai" and b["size"] == r["size"] and b["amp"] == r["amp"]
+            )
+            assert r["vs_monai"] == pytest.approx(r["samples_per_s"] / base["samples_per_s"])
+    assert data["settings"]["smoke"] and data["settings"]["capability"] is None
+    assert data["command"].startswith("python -m benchmarks.gpu --smoke")
+
+
+def test_gpu_benchmark_rejects_unknown_workloads(capsys: pytest.CaptureFixture[str]) -> None:
+    assert gpu.main(["--smoke", "--device", "cpu", "--workloads", "bogus"]) == 2
+    assert "--workloads must name" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,8 +308,10 @@ def test_memory_benchmark_toy(
     out = tmp_path / "memory.json"
     argv = ["--config-2d", str(cfg2d), "--config-3d", str(cfg3d), "--sizes-2d", "16,32", "--sizes-3d", "16x16x16"]
     argv += ["--batch-size", "1", "--sample-steps", "1", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    argv += ["--decode-sizes", "16,32", "--set", "autoencoder.tiling.tile=[16,16,16]"]
     assert memory.main(argv) == 0
-    assert [s["kind"] for s in seen] == ["idle"] + ["train"] * 3 + ["sample"] * 3
+    assert [s["kind"] for s in seen] == ["idle"] + ["train"] * 3 + ["sample"] * 3 + ["decode"] * 4
+    assert [s["tiled"] for s in seen[-4:]] == [False, False, True, True]
     assert all(s["threads"] == 1 and s["device"] == "cpu" for s in seen)
     data = json.loads(out.read_text(encoding="utf-8"))
     rows = data["rows"]
@@ -275,8 +319,21 @@ def test_memory_benchmark_toy(
     train2d = [r for r in rows if r["kind"] == "train" and r["dims"] == 2]
     assert [r["size"] for r in train2d] == [[16, 16], [32, 32]]
     assert train2d[0]["peak_ratio"] == 1.0 and train2d[1]["voxel_ratio"] == 4.0
-    assert set(data["growth"]) == {"train 2D", "train 3D", "sample 2D", "sample 3D"}
-    assert "Peak memory" in capsys.readouterr().out
+    assert set(data["growth"]) == {
+        "train 2D",
+        "train 3D",
+        "sample 2D",
+        "sample 3D",
+        "decode whole 3D",
+        "decode tiled 3D",
+    }
+    tiled = [r for r in rows if r["kind"] == "decode" and r["tiled"]]
+    assert data["target"]["value"] == pytest.approx(tiled[1]["peak_rss_mb"] / tiled[0]["peak_rss_mb"])
+    agree = data["decode_agreement"]
+    assert agree["16x16x16"]["max_abs"] < 1e-4  # one tile covers 16^3: the whole decode
+    assert agree["32x32x32"]["mean_abs"] > 0 and agree["32x32x32"]["correlation"] > 0.5  # 8 tiles + overlaps
+    printed = capsys.readouterr().out
+    assert "Peak memory" in printed and "target: tiled decode peak (RSS) within 1.2x" in printed
 
 
 def test_memory_sizes() -> None:

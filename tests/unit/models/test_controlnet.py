@@ -208,3 +208,27 @@ def test_short_training_lowers_the_loss_with_the_unet_untouched() -> None:
         fitted = nn.functional.mse_loss(model(x, t, cond), target).item()
         shuffled = nn.functional.mse_loss(model(x, t, cond.roll(1, 0)), target).item()
     assert shuffled > 1.2 * fitted, (fitted, shuffled)
+
+
+def test_fuse_swish_keeps_the_function_and_leaves_no_swish() -> None:
+    from monai.networks.blocks.activation import Swish
+
+    from medsynth.models.controlnet import fuse_swish
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), Swish(), torch.nn.Sequential(Swish(alpha=2.0)))
+    x = torch.randn(2, 2, 8, 8)
+    before = net(x)
+    assert fuse_swish(net) == 1  # alpha 2 is not SiLU: kept
+    assert isinstance(net[1], torch.nn.SiLU) and isinstance(net[2][0], Swish)
+    assert torch.allclose(net(x), before, atol=1e-6)
+    assert fuse_swish(net) == 0
+
+
+def test_one_hot_without_check_equals_the_checked_one() -> None:
+    from medsynth.models.controlnet import one_hot_mask
+
+    labels = torch.randint(0, 4, (2, 1, 5, 6), dtype=torch.uint8)
+    assert torch.equal(one_hot_mask(labels, 4, check=False), one_hot_mask(labels, 4))
+    labels3 = torch.randint(0, 3, (1, 1, 3, 4, 5))
+    assert torch.equal(one_hot_mask(labels3, 3, torch.bfloat16, check=False), one_hot_mask(labels3, 3, torch.bfloat16))
