@@ -19,11 +19,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from medsynth.config.schema import MedsynthConfig
+from medsynth.config.training import RUNTIME_FIELDS
 from medsynth.fileio import sha256_json, write_json_atomic
 from medsynth.pipeline.declare import Stage
 
 STAMP = "stage.json"
-from medsynth.config.training import RUNTIME_FIELDS
 
 RUNTIME_ONLY = tuple(RUNTIME_FIELDS)
 """Fields that change how fast a stage runs, not what it produces: left out of input keys."""
