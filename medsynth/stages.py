@@ -488,7 +488,8 @@ def run_experiment(
 ) -> dict[str, Any]:
     """The downstream augmentation grid: synthetic pool from training masks, then every cell.
 
-    Cells already recorded in ``experiment/cells.jsonl`` with the same grid key are not retrained.
+    Cells already recorded in ``experiment/cells.jsonl`` with the same grid key are not retrained;
+    the pool resumes per batch.
     """
     import torch
 
@@ -513,8 +514,9 @@ def run_experiment(
     grid_progress = progress or LogProgress(len(grid_cells(cfg)), "experiment grid (cells)", every_s=30.0)
     res = run_grid(cfg, train, val, test, pool, p.experiment, tracker_factory, grid_progress, dev, cell_map)
     return {
-        "task": res.task,
+        "tasks": ",".join(res.tasks),
         "metric": res.metric,
+        **{f"real_only_grows_{t}": float(g.grows) for t, g in res.growth.items() if g.grows is not None},
         "n_cells": len(res.cells),
         "n_trained": len(res.trained),
         "n_skipped": len(res.skipped),
