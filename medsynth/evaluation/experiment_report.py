@@ -65,6 +65,7 @@ __all__ = [
     "SummaryRow",
     "plot_summary",
     "real_only_growth",
+    "row_from_flat",
     "summarise",
     "write_summary",
 ]
@@ -138,6 +139,23 @@ class SummaryRow(BaseModel):
                     out[f"{name}_mean"] = self.means[name]
                     out[f"{name}_sd"] = self.sds.get(name)
         return out
+
+
+def row_from_flat(flat: dict[str, Any]) -> SummaryRow:
+    """A :class:`SummaryRow` from a ``summary.csv`` row (as read back; empty cells as None or "")."""
+    clean = {k: (None if v == "" else v) for k, v in flat.items()}
+    task = clean.get("task") or ("presence" if clean.get("auroc_mean") is not None else "segmentation")
+    names = [n for n in METRICS[str(task)] if f"{n}_mean" in clean]
+    fields = {k: v for k, v in clean.items() if k in SummaryRow.model_fields and v is not None}
+    fields.update(
+        task=task,
+        metric=clean.get("metric") or PRIMARY[str(task)],
+        means={n: clean.get(f"{n}_mean") for n in names},
+        sds={n: clean.get(f"{n}_sd") for n in names},
+        ci=clean.get("ci") or 0.95,
+        synthetic_with_replacement=str(clean.get("synthetic_with_replacement")).lower() == "true",
+    )
+    return SummaryRow.model_validate(fields)
 
 
 class GrowthCheck(BaseModel):

@@ -402,6 +402,12 @@ def test_run_grid_writes_summary_and_resumes(splits: tuple[ArraySet, ArraySet, A
     assert res.growth["presence"].grows is not None and res.growth["presence"].message
     header = res.summary_csv.read_text(encoding="utf-8").splitlines()[0].split(",")
     assert {"task", "auroc_mean", "auroc_sd", "ci_lo", "delta_vs_real", "p_holm"} <= set(header)
+    # the whitepaper reads summary.csv back: the same rows and the same real-only check
+    from medsynth.evaluation.experiment_report import real_only_growth, row_from_flat
+    from medsynth.report.collect import _read_csv
+
+    back = [row_from_flat(r) for r in _read_csv(res.summary_csv)]
+    assert back == res.summary and real_only_growth(back, "presence") == res.growth["presence"]
 
     # second run: nothing is trained, no run is opened, the same summary is written
     opened.clear()
