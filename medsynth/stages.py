@@ -511,8 +511,13 @@ def run_experiment(
         gen = load_generator(cfg, p.autoencoder, p.unet, p.controlnet, dev)
         pool_progress = progress or LogProgress(len(train) * cfg.experiment.pool_per_mask, "synthetic pool")
         pool = make_pool(gen, train, cfg, p.experiment / "pool", pool_progress)
+    external = None
+    if cfg.experiment.external_test:
+        from medsynth.evaluation.external import load_external_test
+
+        external = load_external_test(cfg, cfg.experiment.external_test)
     grid_progress = progress or LogProgress(len(grid_cells(cfg)), "experiment grid (cells)", every_s=30.0)
-    res = run_grid(cfg, train, val, test, pool, p.experiment, tracker_factory, grid_progress, dev, cell_map)
+    res = run_grid(cfg, train, val, test, pool, p.experiment, tracker_factory, grid_progress, dev, cell_map, external)
     return {
         "tasks": ",".join(res.tasks),
         "metric": res.metric,

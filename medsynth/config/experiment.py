@@ -174,6 +174,12 @@ class ExperimentConfig(StrictModel):
     n_bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples of TEST PATIENTS per interval.")
     ci: float = Field(0.95, gt=0, lt=1, description="Confidence level of the percentile bootstrap intervals.")
     bootstrap_seed: int = Field(0, description="Seed of the bootstrap resampling.")
+    external_test: str | None = Field(
+        None,
+        description="External test set (another site or cohort): a dataset folder (any layout the data section "
+        "reads) or a CSV manifest, preprocessed with the same settings into its own cache; every cell's model is "
+        "scored on it and reported separately. It never enters training or model selection. None: none.",
+    )
     max_eval_items: int | None = Field(
         None, ge=1, description="Evaluate on the first N test (and validation) items only (quick runs); None: all."
     )

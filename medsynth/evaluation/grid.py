@@ -38,7 +38,7 @@ from medsynth.evaluation.experiment_report import (
     write_summary,
 )
 from medsynth.evaluation.pool import SyntheticPool
-from medsynth.evaluation.selection import Cell, check_no_leak, grid_cells, resolve_tasks, select_cell
+from medsynth.evaluation.selection import Cell, PatientLeakError, check_no_leak, grid_cells, resolve_tasks, select_cell
 from medsynth.fileio import sha256_json
 from medsynth.ledger import ItemLedger
 from medsynth.progress import NullProgress, Progress
@@ -226,6 +226,13 @@ def run_grid(
             check_no_leak(train.patients, split.patients, what)
             if pool is not None:
                 check_no_leak(pool.source_patients, split.patients, what)
+    if external is not None and val is not None:  # the validation split selects models: keep it apart too
+        both = sorted(set(val.patients) & set(external.patients))
+        if both:
+            raise PatientLeakError(
+                f"{len(both)} patient(s) are both in the validation split (model selection) and in the external "
+                f"test set: {', '.join(both[:5])}"
+            )
     cells = grid_cells(cfg)
     if pool is None and any(c.ratio > 0 for c in cells):
         raise ValueError("the grid has cells with synthetic data (ratio > 0) but no pool was given; run make_pool")
