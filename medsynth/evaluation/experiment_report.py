@@ -394,13 +394,13 @@ def write_summary(
     ec = cfg.experiment
     flat = [r.flat() for r in rows]
     cols: list[str] = []
-    for r in flat:
-        cols += [k for k in r if k not in cols]
+    for fr in flat:
+        cols += [k for k in fr if k not in cols]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     writer.writeheader()
-    for r in flat:
-        writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in cols})
+    for fr in flat:
+        writer.writerow({k: "" if fr.get(k) is None else fr.get(k) for k in cols})
     csv_path = write_text_atomic(out / SUMMARY_CSV, buf.getvalue())
 
     pct = f"{100 * ec.ci:g}%"

@@ -185,15 +185,14 @@ def pool_edit(
     from medsynth.config.synthesis import parse_edit
     from medsynth.synthesis.edits import apply_edit
 
-    names = parse_edit(spec)
+    names = list(parse_edit(spec))
     item = items[index]
     donors: list[Any] = []
     if "transplant" in names:
         if lesion is not None and not np.any(item.mask == lesion):
             donors = [items[j] for j in same_patient if j != index and np.any(items[j].mask == lesion)]
         if not donors:
-            names = [("elastic" if n == "transplant" else n) for n in names]
-            names = list(dict.fromkeys(names))
+            names = list(dict.fromkeys("elastic" if n == "transplant" else n for n in names))
     used = "+".join(names)
     mask, _ = apply_edit(used, item, donors or [item], rng, cfg.synthesis, labels)
     return np.asarray(mask, dtype=np.uint8), used
