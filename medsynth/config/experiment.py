@@ -40,7 +40,11 @@ ARMS: tuple[Arm, ...] = ("real", "real_classical", "synthetic_only")
 class ClassifierOptimConfig(OptimConfig):
     """Optimisation of the presence classifier (sized for a CPU: a small ResNet, a few hundred steps)."""
 
-    steps: int = Field(400, ge=1, description="Optimiser steps per cell.")
+    steps: int = Field(
+        400,
+        ge=1,
+        description="Maximum optimiser steps per cell (early stopping on the validation split may end it sooner).",
+    )
     batch_size: int = Field(32, ge=1, description="Batch size.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
@@ -103,8 +107,9 @@ class ExperimentConfig(StrictModel):
     target_label: int | None = Field(
         None,
         ge=1,
-        description="Presence task: the label whose presence is classified; None = the highest label named "
-        "like a lesion/tumour, else the highest label.",
+        description="The lesion label: presence classifies whether it is in an image; segmentation scores its Dice "
+        "on the test items holding it and its false-positive rate on the others. None = the highest label named "
+        "like a lesion/tumour (presence: else the highest label; segmentation: else the mean foreground Dice).",
     )
     min_target_voxels: int = Field(
         1, ge=1, description="Presence task: an image is positive when its mask holds at least this many target voxels."
@@ -146,8 +151,8 @@ class ExperimentConfig(StrictModel):
     segmenter_steps: int | None = Field(
         None,
         ge=1,
-        description="Segmentation task: optimiser steps per cell (None: segmenter.train.steps; the other "
-        "optimiser settings always come from segmenter.train).",
+        description="Segmentation task: maximum optimiser steps per cell (None: segmenter.train.steps; the other "
+        "optimiser settings always come from segmenter.train; early stopping may end a cell sooner).",
     )
     augment_rotate_deg: float = Field(10.0, ge=0, description="Classical augmentation: largest rotation (degrees).")
     augment_scale: float = Field(0.1, ge=0, lt=1, description="Classical augmentation: largest relative zoom.")
