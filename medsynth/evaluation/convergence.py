@@ -151,7 +151,8 @@ def fit_until_converged(
         max_steps: Step budget.
         conv: Evaluation interval, patience, ``min_delta``, ``min_steps``.
         on_eval: Called with "improved?" after each evaluation (the plateau LR rule).
-        tracker: Receives ``train_loss`` every 10 steps and ``val_<metric>`` at each evaluation.
+        tracker: Receives ``train_loss`` every 10 steps and ``val_<metric>`` at each evaluation (the
+            grid logs the chosen and stopping steps from the returned record).
         metric: Name of the validation score in the tracker.
         progress: Advanced once per step.
 
@@ -189,7 +190,7 @@ def fit_until_converged(
     net.eval()
     if not use_val or best_state is None:
         return ConvergenceRecord(chosen_step=step, stopped_step=step, max_steps=max_steps, curve=es.curve)
-    rec = ConvergenceRecord(
+    return ConvergenceRecord(
         chosen_step=es.best_step,
         stopped_step=step,
         max_steps=max_steps,
@@ -197,5 +198,3 @@ def fit_until_converged(
         curve=es.curve,
         stopped_early=step < max_steps,
     )
-    tracker.log_metrics({"chosen_step": float(rec.chosen_step), "stopped_step": float(step)})
-    return rec
