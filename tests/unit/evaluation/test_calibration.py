@@ -68,3 +68,37 @@ def test_guidance_scale_auto_must_be_calibrated(tmp_path: Path) -> None:
     choice = choose_guidance([row(1.0, 0.9, 0.9), row(2.0, 1.0, 1.1)])
     png = plot_sweep(tmp_path / "sweep.png", choice, GuidanceCalibrationConfig())
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibrate_guidance_sweeps_the_validation_split_with_a_real_generator(tmp_path: Path) -> None:
+    """A tiny untrained generator and segmenter (real classes): one row per scale, a documented choice."""
+    import torch
+
+    from benchmarks import common
+    from medsynth.data.dataset import ArraySet
+    from medsynth.evaluation.calibration import calibrate_guidance
+    from medsynth.evaluation.segmenter import Segmenter, build_segmenter
+    from tests.unit.test_benchmarks import LABELS, tiny_raw, write_yaml
+
+    torch.set_num_threads(1)
+    raw = tiny_raw(2, tmp_path)
+    raw["sampling"]["calibration"] = {
+        "scales": [1.0, 2.0],
+        "n_with": 3,
+        "n_free": 1,
+        "min_voxels": 10,
+        "n_bootstrap": 10,
+    }
+    cfg = common.load_cfg(write_yaml(tmp_path / "cal.yaml", raw))
+    gen = common.random_generator(cfg, 5, torch.device("cpu"))
+    seg = Segmenter(build_segmenter(cfg, 5), 5, [16, 16], LABELS).eval()
+    masks = torch.full((4, 1, 16, 16), 2, dtype=torch.uint8)
+    masks[:3, :, 4:10, 4:10] = 4  # three validation masks hold a 36-voxel lesion, one does not
+    val = ArraySet(
+        common.random_images(4, [16, 16]), masks, torch.eye(3).repeat(4, 1, 1).numpy(),
+        [f"v{i}" for i in range(4)], ["a", "a", "b", "c"], LABELS,
+    )  # fmt: skip
+    choice = calibrate_guidance(cfg, gen, val, seg)
+    assert [r["guidance"] for r in choice.rows] == [None, 1.0, 2.0]  # the real images, then each scale
+    assert choice.scale in (1.0, 2.0) and choice.reason.startswith(f"guidance {choice.scale:g}")
+    assert choice == choose_guidance(choice.rows)  # the rule, applied to the measured sweep
