@@ -9,8 +9,8 @@ data, evaluated on the fixed patient-level test split. The pieces live in one mo
 * :mod:`medsynth.evaluation.cells` — training and scoring one cell per task (early stopping);
 * :mod:`medsynth.evaluation.convergence` — early stopping, LR schedule, best-on-validation weights;
 * :mod:`medsynth.evaluation.grid` — the grid runner with per-cell resume;
-* :mod:`medsynth.evaluation.experiment_report` — statistics (through :mod:`medsynth.evaluation.stats`),
-  the summary table and figure.
+* :mod:`medsynth.evaluation.experiment_report` — statistics (through :mod:`medsynth.evaluation.stats`)
+  and the summary table; :mod:`medsynth.evaluation.experiment_plot` — the figure.
 
 This module re-exports their public names for callers that want the whole experiment at once.
 """

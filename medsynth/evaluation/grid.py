@@ -29,10 +29,10 @@ from medsynth.config.experiment import Task
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import ArraySet
 from medsynth.evaluation.cells import CellRecord, resolve_target_label, run_cell
+from medsynth.evaluation.experiment_plot import plot_summary
 from medsynth.evaluation.experiment_report import (
     GrowthCheck,
     SummaryRow,
-    plot_summary,
     real_only_growth,
     summarise,
     write_summary,
