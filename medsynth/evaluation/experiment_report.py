@@ -17,7 +17,7 @@ Cohen's d_z of those differences as the standardised effect size. p-values are H
 the fractions of each (task, arm, ratio) (:func:`~medsynth.evaluation.stats.holm_adjust`).
 
 :func:`real_only_growth` checks that the real-only arm grows with the real fraction (no step down
-below the previous fraction's interval, and the largest fraction above the smallest): a task model
+below the previous fraction's interval, and the largest fraction above the smallest one's interval): a task model
 whose score does not grow with its data cannot measure what synthetic data adds, and the report says
 so.
 """
@@ -332,7 +332,7 @@ def real_only_growth(rows: Sequence[SummaryRow], task: str) -> GrowthCheck:
     """Whether the real-only (ratio 0) arm of ``task`` grows with the real fraction, within its CI.
 
     It grows when no fraction's seed mean falls below the previous (smaller) fraction's interval and
-    the largest fraction's mean is above the smallest fraction's mean.
+    the largest fraction's mean lies above the smallest fraction's interval (a gain the CI resolves).
     """
     base = sorted(
         (r for r in rows if r.task == task and r.arm == "real" and r.ratio == 0 and r.mean is not None),
@@ -344,7 +344,8 @@ def real_only_growth(rows: Sequence[SummaryRow], task: str) -> GrowthCheck:
     trail = " → ".join(f"{format_value(r.mean)} ({100 * r.fraction:g}%)" for r in base)
     drops = [(a, b) for a, b in itertools.pairwise(base) if a.ci_lo is not None and (b.mean or 0.0) < a.ci_lo]
     first, last = base[0], base[-1]
-    grows = not drops and (last.mean or 0.0) > (first.mean or 0.0)
+    bar = first.ci_hi if first.ci_hi is not None else first.mean
+    grows = not drops and (last.mean or 0.0) > (bar or 0.0)
     if grows:
         return GrowthCheck(
             task=task, grows=True, message=f"{task}: the real-only {label} grows with the real fraction: {trail}."
@@ -355,7 +356,8 @@ def real_only_growth(rows: Sequence[SummaryRow], task: str) -> GrowthCheck:
             f"[{format_value(a.ci_lo)}, {format_value(a.ci_hi)}]"
             for a, b in drops
         )
-        or "the largest fraction does not beat the smallest"
+        or f"at {100 * last.fraction:g}% it is {format_value(last.mean)}, not above the {100 * first.fraction:g}% "
+        f"interval [{format_value(first.ci_lo)}, {format_value(first.ci_hi)}]"
     )
     return GrowthCheck(
         task=task,

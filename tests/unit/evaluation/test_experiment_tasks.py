@@ -26,6 +26,7 @@ from medsynth.data.dataset import ArraySet
 from medsynth.evaluation.cells import run_cell, segmentation_scores
 from medsynth.evaluation.classifier import sensitivity_at_specificity
 from medsynth.evaluation.convergence import choose_step, fit_until_converged, make_schedule
+from medsynth.evaluation.experiment_report import SummaryRow, real_only_growth
 from medsynth.evaluation.pool import make_pool
 from medsynth.evaluation.selection import Cell, select_cell, select_patients
 from tests.unit.evaluation.test_experiment import LABELS, SIZE, TinyGenerator, make_cfg, make_set
@@ -217,3 +218,25 @@ def test_pool_generation_resumes_after_a_kill(tmp_path: Path) -> None:
     fresh = make_pool(TinyGenerator(), train, cfg, tmp_path / "fresh")
     assert torch.equal(pool.images, fresh.images) and pool.edits == fresh.edits
     assert not list((tmp_path / "parts").glob("*.npy"))  # parts removed once the pool is written
+
+
+def _real_row(fraction: float, mean: float, half_width: float = 0.05, task: str = "presence") -> SummaryRow:
+    metric = "auroc" if task == "presence" else "dice"
+    return SummaryRow(
+        task=task, arm="real", fraction=fraction, ratio=0, n_seeds=3, n_real_patients=5, n_real=50, n_synthetic=0,
+        synthetic_with_replacement=False, metric=metric, means={metric: mean}, sds={metric: 0.02}, ci=0.95,
+        ci_lo=mean - half_width, ci_hi=mean + half_width,
+    )  # fmt: skip
+
+
+def test_real_only_growth_check() -> None:
+    grows = real_only_growth([_real_row(0.1, 0.70), _real_row(0.25, 0.76), _real_row(1.0, 0.85)], "presence")
+    assert grows.grows is True and "grows" in grows.message and "0.700 (10%)" in grows.message
+    # the tracked LGG run of issue 12: 0.806 (10%), 0.769 (25%), 0.821 (100%): no gain the CI resolves
+    flat = real_only_growth([_real_row(0.1, 0.806), _real_row(0.25, 0.769), _real_row(1.0, 0.821)], "presence")
+    assert flat.grows is False and "does NOT grow" in flat.message and "not above the 10% interval" in flat.message
+    drop = real_only_growth([_real_row(0.1, 0.80, 0.02), _real_row(0.25, 0.70), _real_row(1.0, 0.95)], "presence")
+    assert drop.grows is False and "at 25% it is 0.700, below the 10% interval" in drop.message
+    assert real_only_growth([_real_row(1.0, 0.9)], "presence").grows is None
+    seg = [_real_row(0.1, 0.3, task="segmentation"), _real_row(1.0, 0.6, task="segmentation")]
+    assert real_only_growth(seg, "segmentation").grows is True and real_only_growth(seg, "presence").grows is None
