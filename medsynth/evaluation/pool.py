@@ -142,7 +142,7 @@ def pool_key(gen_hashes: dict[str, str], sampling: SamplingConfig, train: ArrayS
         {
             "version": POOL_VERSION,
             "generator": dict(sorted(gen_hashes.items())),
-            "sampling": sampling.model_dump(mode="json"),
+            "sampling": sampling.model_dump(mode="json", exclude={"calibration"}),
             "masks": _masks_digest(train),
             "per_mask": ec.pool_per_mask,
             "edits": list(ec.pool_edits),
