@@ -20,15 +20,16 @@ Per scale it measures, next to the same numbers on the real images of those mask
 * network evaluations per image and wall time relative to guidance 1.0 (no guidance: one network
   evaluation per step; any other scale costs two).
 
-No target: this is how the guidance scale of a config is chosen; a grid (mask | real | each scale)
-is written next to the JSON.
+The measurement is the library's (:mod:`medsynth.evaluation.calibration`, which also chooses the
+scale on the validation split when ``sampling.guidance_scale`` is ``"auto"``); this benchmark runs it on
+the test split with costs. No target; a grid (mask | real | each scale) is written next to the JSON,
+and the row the calibration rule would choose is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,15 +45,15 @@ from benchmarks.common import (
     base_parser,
     load_cfg,
     print_table,
-    ratio,
     run_main,
     setup,
-    synchronize,
     write_result,
 )
 from benchmarks.sampling import CountingGenerator, load_trained
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import ArraySet
+from medsynth.errors import DataError
+from medsynth.evaluation import calibration
 from medsynth.evaluation.validate import contrast_reference, lesion_label
 from medsynth.generator import MaskGenerator
 
@@ -63,39 +64,11 @@ DEFAULT_SCALES = (1.0, 1.5, 3.0, 5.0, 7.0)
 def select_masks(
     data: ArraySet, label: int, n_with: int, n_free: int, min_voxels: int, reference: Sequence[int] | None
 ) -> tuple[ArraySet, ArraySet]:
-    """Split-spread subsets of ``data``: masks holding ``label`` and masks lacking it.
-
-    Args:
-        data: The test split.
-        label: The structure.
-        n_with: Masks with at least ``min_voxels`` of ``label`` (evenly spread over the split order).
-        n_free: Masks without ``label`` whose reference area is at least half the median of the first set.
-        min_voxels: Smallest structure counted.
-        reference: Reference labels (None: any foreground).
-
-    Returns:
-        ``(with_label, without_label)``.
-
-    Raises:
-        BenchmarkError: If the split has no mask holding ``label``.
-    """
-    flat = data.masks.reshape(len(data), -1).long()
-    count = (flat == label).sum(1)
-    ref = torch.isin(flat, torch.tensor(reference)) if reference else (flat > 0) & (flat != label)
-    ref_area = ref.sum(1)
-
-    def spread(idx: torch.Tensor, n: int) -> list[int]:
-        if len(idx) <= n:
-            return [int(i) for i in idx]
-        pick = torch.linspace(0, len(idx) - 1, n).round().long()
-        return [int(i) for i in idx[pick]]
-
-    with_idx = spread(torch.nonzero(count >= max(min_voxels, 1)).flatten(), n_with)
-    if not with_idx:
-        raise BenchmarkError(f"no test mask holds label {label} with >= {min_voxels} voxels")
-    floor = 0.5 * float(ref_area[with_idx].float().median())
-    free_idx = spread(torch.nonzero((count == 0) & (ref_area >= floor)).flatten(), n_free)
-    return data.subset(with_idx), data.subset(free_idx)
+    """:func:`medsynth.evaluation.calibration.select_masks`, with a benchmark error when nothing fits."""
+    try:
+        return calibration.select_masks(data, label, n_with, n_free, min_voxels, reference)
+    except DataError as exc:
+        raise BenchmarkError(str(exc)) from exc
 
 
 def sweep(
@@ -109,86 +82,11 @@ def sweep(
     seed: int = 0,
     n_boot: int = 200,
 ) -> tuple[list[dict[str, Any]], dict[float, torch.Tensor]]:
-    """Generate an image per mask of ``data`` at each guidance scale and measure it.
-
-    Args:
-        gen: The trained generator.
-        seg: The reference segmenter.
-        data: Masks (with and without the structure) and their real images.
-        cfg: Config (sampler, steps, batch size).
-        scales: Guidance scales; 1.0 (no guidance) is the cost baseline when present.
-        label: The structure.
-        reference: Reference labels of the contrast.
-        seed: Base seed (batch ``i`` uses ``seed + i`` at every scale).
-        n_boot: Bootstrap resamples of the Dice / false-positive intervals.
-
-    Returns:
-        ``(rows, images)``: the first row is the real images (``guidance`` None), then one per scale
-        with ``guidance``, ``nfe``, ``seconds``, ``cost_ratio``, ``contrast`` (mean over masks holding
-        the structure), ``contrast_rel`` (synthetic / real), ``visible`` (fraction of those masks whose
-        synthetic contrast has the real sign and at least half its size; ``contrast_report``), ``dice``
-        (+ ``dice_lo``/``dice_hi``),
-        ``dice_rel``, ``fp`` (+ CI); ``images`` maps each scale to its ``(N, 1, *S)`` images.
-    """
-    from medsynth.evaluation.plausibility import contrast_report, plausibility_report
-    from medsynth.evaluation.segmenter import predict
-    from medsynth.evaluation.validate import generate_for
-
-    bs = cfg.sampling.batch_size
-    name = data.labels.get(label, str(label))
-    pred_real = predict(seg, data.images, bs)
-    real: dict[str, Any] = {}
-
-    def measure(images: torch.Tensor) -> dict[str, Any]:
-        rep = plausibility_report(
-            pred_real, predict(seg, images, bs), data.masks, data.patients, data.item_ids, {label: name}, n_boot
-        )["per_label"][name]
-        con = contrast_report(data.images, images, data.masks, data.patients, {label: name}, reference, n_boot)[name]
-        real.update(contrast=con["contrast_real"]["value"], dice=rep["dice_real"]["value"], fp=rep["fp_real"]["value"])
-        return {
-            "contrast": con["contrast_synth"]["value"],
-            "contrast_rel": con["ratio"]["value"],
-            "visible": con["visible"]["value"],
-            "dice": rep["dice_synth"]["value"],
-            "dice_lo": rep["dice_synth"]["lo"],
-            "dice_hi": rep["dice_synth"]["hi"],
-            "dice_rel": rep["ratio"]["value"],
-            "fp": rep["fp_synth"]["value"],
-            "fp_lo": rep["fp_synth"]["lo"],
-            "fp_hi": rep["fp_synth"]["hi"],
-        }
-
-    rows: list[dict[str, Any]] = []
-    images: dict[float, torch.Tensor] = {}
-    generate_for(gen, data.masks[:1], _with_scale(cfg, 1.0, steps=2), seed=seed)  # warm-up, untimed
-    for g in scales:
-        counted = CountingGenerator.wrap(gen)
-        synchronize(gen.device)
-        t0 = time.perf_counter()
-        synth = generate_for(counted, data.masks, _with_scale(cfg, g), seed=seed)
-        synchronize(gen.device)
-        seconds = time.perf_counter() - t0
-        images[g] = synth
-        m = measure(synth)
-        rows.append(
-            {
-                "row": f"guidance {g:g}",
-                "guidance": g,
-                "nfe": counted.calls / -(-len(data) // bs),
-                "seconds": seconds,
-                **m,
-            }
-        )
-    rows.insert(0, {"row": "real images", "guidance": None, "contrast_rel": 1.0, **real})
-    base = next((r for r in rows if r["guidance"] == 1.0), None)
-    for r in rows[1:]:
-        r["cost_ratio"] = ratio(r["seconds"], base["seconds"]) if base else None
-    return rows, images
-
-
-def _with_scale(cfg: MedsynthConfig, scale: float, steps: int | None = None) -> MedsynthConfig:
-    s = cfg.sampling.model_copy(update={"guidance_scale": float(scale), **({"steps": steps} if steps else {})})
-    return cfg.model_copy(update={"sampling": s})
+    """The library's sweep (:func:`medsynth.evaluation.calibration.sweep_guidance`, one definition of
+    every measurement) with network evaluations counted per image (``nfe``)."""
+    return calibration.sweep_guidance(
+        gen, seg, data, cfg, scales, label, reference, seed, n_boot, CountingGenerator.wrap
+    )
 
 
 def save_sweep_grid(path: Path, data: ArraySet, images: dict[float, torch.Tensor], label: int, n_rows: int = 6) -> Path:
@@ -271,6 +169,8 @@ def _body(argv: list[str]) -> int:
         out = RESULTS_DIR / f"{NAME}-{cfg.name}.json"
     grid = save_sweep_grid(out.with_suffix(".png"), data, images, label)
     print(f"grid: {grid}")
+    choice = calibration.choose_guidance(rows)
+    print(f"calibration rule: {choice.reason}")
     ref_text = f"labels {reference}" if reference else "the other foreground labels"
     write_result(
         out,
@@ -298,7 +198,7 @@ def _body(argv: list[str]) -> int:
             "least half its size",
             "Dice/FP: the reference segmenter (trained on real data only); FP on masks lacking the structure",
         ],
-        extra={"grid": str(grid)},
+        extra={"grid": str(grid), "calibration_choice": choice.model_dump(exclude={"rows"})},
     )
     return 0
 

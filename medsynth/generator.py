@@ -187,8 +187,9 @@ class MaskGenerator:
         f = self.ae_factor
         shape = [b, self.latent_channels, *[s // f for s in spatial]]
         denoise = self.denoiser()
-        if cond is not None and sampling.guidance_scale != 1.0:
-            denoise = cfg_denoiser(denoise, sampling.guidance_scale, null_cond=torch.zeros_like(cond))
+        scale = sampling.scale
+        if cond is not None and scale != 1.0:
+            denoise = cfg_denoiser(denoise, scale, null_cond=torch.zeros_like(cond))
         g = torch.Generator(device=self.device).manual_seed(seed)
         z = sample(
             denoise,

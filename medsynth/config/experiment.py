@@ -4,10 +4,15 @@ A grid of cells ``(arm, fraction, ratio, seed)``. Each cell trains a task networ
 patient-level fraction of the real training split (plus synthetic images, for some arms) and is
 evaluated on the fixed patient-level test split:
 
-* 2D (``task`` auto → ``presence``): a MONAI classifier predicts whether the target label (the
-  lesion/tumour) is present in an image; AUROC, balanced accuracy and F1.
-* 3D (``task`` auto → ``segmentation``): the reference segmenter's UNet (``segmenter`` section) is
-  trained on the cell's data; mean foreground Dice.
+* ``presence``: a MONAI classifier predicts whether the target label (the lesion/tumour) is present
+  in an image; AUROC, sensitivity at 90% specificity, balanced accuracy and F1.
+* ``segmentation``: the reference segmenter's UNet (``segmenter`` section) is trained on the cell's
+  data; Dice of the lesion on lesion-bearing test items and the false-positive rate on lesion-free
+  ones (mean foreground Dice when the label vocabulary names no lesion, e.g. hippocampus).
+
+``tasks`` lists the tasks (default: both on 2D data, segmentation on 3D); every task runs every cell.
+Each cell trains until its score on the patient-level validation split stops improving
+(``convergence``) and keeps its best-on-validation weights.
 
 Arms: ``real`` (the real subset; with ratio r > 0 plus r synthetic images per real image),
 ``real_classical`` (the real subset with classical MONAI augmentation, ratio 0 only) and
@@ -35,7 +40,11 @@ ARMS: tuple[Arm, ...] = ("real", "real_classical", "synthetic_only")
 class ClassifierOptimConfig(OptimConfig):
     """Optimisation of the presence classifier (sized for a CPU: a small ResNet, a few hundred steps)."""
 
-    steps: int = Field(400, ge=1, description="Optimiser steps per cell.")
+    steps: int = Field(
+        400,
+        ge=1,
+        description="Maximum optimiser steps per cell (early stopping on the validation split may end it sooner).",
+    )
     batch_size: int = Field(32, ge=1, description="Batch size.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
@@ -45,19 +54,62 @@ class ClassifierOptimConfig(OptimConfig):
     ckpt_every: int = Field(400, ge=1, description="Unused by the classifier (cells are not checkpointed).")
 
 
+Task = Literal["presence", "segmentation"]
+TASKS: tuple[Task, ...] = ("presence", "segmentation")
+
+
+class ConvergenceConfig(StrictModel):
+    """Training of each grid cell until its validation score stops improving (early stopping).
+
+    Every ``eval_every`` steps the cell's network is scored on the patient-level validation split
+    (presence: AUROC; segmentation: mean per-case Dice); the best-scoring weights are kept, and
+    training stops after ``patience`` evaluations without an improvement of at least ``min_delta``
+    (or at the task's maximum steps: ``experiment.train.steps`` / ``experiment.segmenter_steps``).
+    Without a validation split, cells train for the maximum steps and keep their last weights.
+    """
+
+    enabled: bool = Field(
+        True, description="False: train exactly the maximum steps and keep the last weights (no validation)."
+    )
+    eval_every: int = Field(25, ge=1, description="Optimiser steps between validation evaluations.")
+    patience: int = Field(
+        4, ge=1, description="Evaluations without improvement (by more than min_delta) before a cell stops."
+    )
+    min_delta: float = Field(1e-3, ge=0, description="Smallest validation-score gain that counts as an improvement.")
+    min_steps: int = Field(0, ge=0, description="Never stop before this many steps.")
+    schedule: Literal["cosine", "plateau", "constant"] = Field(
+        "cosine",
+        description="Learning rate after the linear warm-up: 'cosine' decays to min_lr_ratio x lr at the "
+        "maximum steps; 'plateau' multiplies it by plateau_factor after plateau_patience evaluations "
+        "without improvement; 'constant'.",
+    )
+    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="'cosine': final learning rate / peak learning rate.")
+    plateau_factor: float = Field(0.5, gt=0, lt=1, description="'plateau': learning-rate factor on a plateau.")
+    plateau_patience: int = Field(2, ge=1, description="'plateau': evaluations without improvement before a cut.")
+    max_val_items: int | None = Field(
+        256,
+        ge=1,
+        description="Validation items scored per evaluation (spread over the split, every patient kept "
+        "where possible); None: all.",
+    )
+
+
 class ExperimentConfig(StrictModel):
     """Downstream augmentation experiment (real-data fraction x synthetic:real ratio x seed)."""
 
-    task: Literal["auto", "presence", "segmentation"] = Field(
-        "auto",
-        description="'presence': classify whether target_label is present in an image; 'segmentation': train "
-        "the segmenter's UNet and report mean foreground Dice; 'auto': presence for 2D, segmentation for 3D.",
+    tasks: list[Task] | None = Field(
+        None,
+        description="Downstream tasks, each run on every cell: 'presence' (classify whether target_label is in "
+        "an image) and/or 'segmentation' (the segmenter's UNet: lesion Dice and false-positive rate). "
+        "None: [presence, segmentation] for 2D data, [segmentation] for 3D.",
     )
+    convergence: ConvergenceConfig = Field(default_factory=ConvergenceConfig)  # type: ignore[arg-type]
     target_label: int | None = Field(
         None,
         ge=1,
-        description="Presence task: the label whose presence is classified; None = the highest label named "
-        "like a lesion/tumour, else the highest label.",
+        description="The lesion label: presence classifies whether it is in an image; segmentation scores its Dice "
+        "on the test items holding it and its false-positive rate on the others. None = the highest label named "
+        "like a lesion/tumour (presence: else the highest label; segmentation: else the mean foreground Dice).",
     )
     min_target_voxels: int = Field(
         1, ge=1, description="Presence task: an image is positive when its mask holds at least this many target voxels."
@@ -99,8 +151,8 @@ class ExperimentConfig(StrictModel):
     segmenter_steps: int | None = Field(
         None,
         ge=1,
-        description="Segmentation task: optimiser steps per cell (None: segmenter.train.steps; the other "
-        "optimiser settings always come from segmenter.train).",
+        description="Segmentation task: maximum optimiser steps per cell (None: segmenter.train.steps; the other "
+        "optimiser settings always come from segmenter.train; early stopping may end a cell sooner).",
     )
     augment_rotate_deg: float = Field(10.0, ge=0, description="Classical augmentation: largest rotation (degrees).")
     augment_scale: float = Field(0.1, ge=0, lt=1, description="Classical augmentation: largest relative zoom.")
@@ -114,10 +166,11 @@ class ExperimentConfig(StrictModel):
         "more than its patients' pool holds draws with replacement (recorded per cell).",
     )
     pool_edits: list[str] = Field(
-        default_factory=lambda: ["none", "elastic", "flip", "flip+elastic"],
-        description="Mask edit of pool variant k: pool_edits[k % len] ('none', 'flip', 'elastic' or a '+' "
-        "chain; elastic parameters from the synthesis section). 'transplant' is not allowed: it would paste "
-        "lesions of other patients.",
+        default_factory=lambda: ["none", "transplant", "flip+elastic", "elastic", "flip"],
+        description="Mask edit of pool variant k: pool_edits[k % len] ('none', 'flip', 'elastic', 'transplant' "
+        "or a '+' chain; elastic and lesion parameters from the synthesis section). A transplant pastes a "
+        "lesion of another slice of the SAME patient into a lesion-free slice (never another patient's); "
+        "where that is impossible the step becomes 'elastic' (recorded per pool item).",
     )
     pool_sampling: SamplingConfig | None = Field(
         None, description="Sampler settings of the pool (None: the top-level 'sampling' section)."
@@ -126,6 +179,12 @@ class ExperimentConfig(StrictModel):
     n_bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples of TEST PATIENTS per interval.")
     ci: float = Field(0.95, gt=0, lt=1, description="Confidence level of the percentile bootstrap intervals.")
     bootstrap_seed: int = Field(0, description="Seed of the bootstrap resampling.")
+    external_test: str | None = Field(
+        None,
+        description="External test set (another site or cohort): a dataset folder (any layout the data section "
+        "reads) or a CSV manifest, preprocessed with the same settings into its own cache; every cell's model is "
+        "scored on it and reported separately. It never enters training or model selection. None: none.",
+    )
     max_eval_items: int | None = Field(
         None, ge=1, description="Evaluate on the first N test (and validation) items only (quick runs); None: all."
     )
@@ -158,6 +217,13 @@ class ExperimentConfig(StrictModel):
             raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {value}")
         return value
 
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_ok(cls, value: list[Task] | None) -> list[Task] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError(f"tasks must be a non-empty list of distinct tasks from {list(TASKS)}, got {value}")
+        return value
+
     @field_validator("arms")
     @classmethod
     def _arms_ok(cls, value: list[Arm]) -> list[Arm]:
@@ -170,10 +236,7 @@ class ExperimentConfig(StrictModel):
     def _edits_ok(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("pool_edits must name at least one edit (['none'] keeps the masks)")
-        out = ["+".join(parse_edit(v)) for v in value]
-        if any("transplant" in v for v in out):
-            raise ValueError("pool_edits cannot use 'transplant' (it pastes lesions of other patients)")
-        return out
+        return ["+".join(parse_edit(v)) for v in value]
 
     @model_validator(mode="after")
     def _grid_ok(self) -> Self:

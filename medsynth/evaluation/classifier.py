@@ -4,9 +4,11 @@ The classifier answers one binary question per image: does its mask hold the tar
 lesion/tumour)? It is a MONAI network trained from scratch (never pretrained weights) with one output
 logit and binary cross-entropy.
 
-Training is a plain loop: AdamW with linear warm-up (:func:`medsynth.training.common.make_optimizer`),
-gradient clipping, batches from :func:`medsynth.training.common.batch_indices` (epoch-wise seeded
-permutations) or, with ``balance='sampler'``, drawn half from each class; with
+Training is a plain loop until the validation AUROC stops improving
+(:func:`medsynth.evaluation.convergence.fit_until_converged`: AdamW, linear warm-up then a cosine or
+plateau schedule, best-on-validation weights kept), gradient clipping, batches from
+:func:`medsynth.training.common.batch_indices` (epoch-wise seeded permutations) or, with
+``balance='sampler'``, drawn half from each class; with
 ``balance='pos_weight'`` the BCE positive weight is ``n_neg / n_pos``. Every random draw (initial
 weights, batch order, augmentation, dropout) derives from the cell seed, so a cell is reproducible.
 
@@ -32,12 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from medsynth.config.experiment import ExperimentConfig
-from medsynth.progress import NullProgress, Progress
-from medsynth.tracking.base import NullTracker, Tracker
+from medsynth.evaluation.convergence import ConvergenceRecord, fit_until_converged, make_schedule
+from medsynth.progress import Progress
+from medsynth.tracking.base import Tracker
 from medsynth.training.common import (
     autocast,
     batch_indices,
-    make_optimizer,
     make_scaler,
     optimizer_step,
     seeded_global_rng,
@@ -52,6 +54,7 @@ __all__ = [
     "build_classifier",
     "classical_augment",
     "predict_proba",
+    "sensitivity_at_specificity",
     "train_classifier",
     "weighted_auroc",
     "youden_threshold",
@@ -185,27 +188,33 @@ def train_classifier(
     device: torch.device | None = None,
     tracker: Tracker | None = None,
     progress: Progress | None = None,
-) -> torch.nn.Module:
-    """Train a presence classifier from scratch on ``images`` and binary ``labels``.
+    val_images: torch.Tensor | None = None,
+    val_labels: npt.ArrayLike | None = None,
+) -> tuple[torch.nn.Module, ConvergenceRecord]:
+    """Train a presence classifier from scratch on ``images`` and binary ``labels`` until its
+    validation AUROC stops improving (``cfg.convergence``; at most ``cfg.train.steps`` steps).
 
     Args:
         images: ``(N, 1, *S)`` float images (2D or 3D).
         labels: ``(N,)`` 0/1 targets.
-        cfg: The experiment section (network, ``train`` optimiser settings, balance, augmentation).
+        cfg: The experiment section (network, ``train`` optimiser settings, balance, augmentation,
+            ``convergence``).
         seed: Seed of everything random in the cell (init, batches, augmentation, dropout).
         augment: Apply :func:`classical_augment` to every batch.
         device: Where to train (default CPU).
-        tracker: Receives ``train_loss`` every 10 steps.
+        tracker: Receives ``train_loss`` every 10 steps and ``val_auroc`` at each evaluation.
         progress: Advanced once per step.
+        val_images: ``(M, 1, *S)`` validation images (patients disjoint from training and test), or None.
+        val_labels: ``(M,)`` their 0/1 targets. When they hold one class only, the score is minus
+            the validation BCE.
 
     Returns:
-        The trained network in eval mode (on ``device``).
+        The network holding its best-on-validation weights (eval mode, on ``device``) and its
+        :class:`~medsynth.evaluation.convergence.ConvergenceRecord`.
     """
     oc = cfg.train
     set_threads(oc.num_threads)
     dev = device or torch.device("cpu")
-    tracker = tracker or NullTracker()
-    progress = progress or NullProgress()
     y_all = torch.as_tensor(np.asarray(labels, dtype=np.float32).ravel())
     n = int(images.shape[0])
     if n == 0 or y_all.numel() != n:
@@ -217,10 +226,11 @@ def train_classifier(
         pos_weight = torch.tensor([n_neg / n_pos], device=dev)
     torch.manual_seed(int(np.random.default_rng([seed, 3]).integers(2**62)))
     net = build_classifier(cfg, images.ndim - 2).to(dev)
-    opt, sched = make_optimizer(net.parameters(), oc)
+    opt = torch.optim.AdamW(net.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+    sched, on_eval = make_schedule(opt, oc.warmup_steps, oc.steps, cfg.convergence)
     scaler = make_scaler(dev, oc.amp)  # fp16 (pre-Ampere GPU) needs loss scaling
-    net.train()
-    for step in range(oc.steps):
+
+    def train_step(step: int) -> float:
         if cfg.balance == "sampler":
             idx = balanced_indices(y_all.numpy(), step, oc.batch_size, seed)
         else:
@@ -233,11 +243,23 @@ def train_classifier(
             logits = net(x).reshape(-1)
         loss = F.binary_cross_entropy_with_logits(logits.float(), yb, pos_weight=pos_weight)
         optimizer_step(loss, net, opt, sched, oc.grad_clip, scaler=scaler)
-        done, loss_v = step + 1, float(loss.detach())
-        progress.advance(1, f"loss={loss_v:.4f}")
-        if done % 10 == 0 or done == oc.steps:
-            tracker.log_metrics({"train_loss": loss_v}, step=done)
-    return net.eval()
+        return float(loss.detach())
+
+    evaluate = None
+    if val_images is not None and val_labels is not None and len(val_images) > 0:
+        y_val = np.asarray(val_labels).astype(np.float64).ravel()
+
+        def evaluate() -> float:
+            p = predict_proba(net, val_images, cfg.predict_batch_size)
+            if y_val.min() != y_val.max():
+                return float(weighted_auroc(y_val, p)[0])
+            p = np.clip(p, 1e-7, 1 - 1e-7)
+            return float(np.mean(y_val * np.log(p) + (1 - y_val) * np.log(1 - p)))
+
+    record = fit_until_converged(
+        net, train_step, evaluate, oc.steps, cfg.convergence, on_eval, tracker, "auroc", progress
+    )
+    return net.eval(), record
 
 
 @torch.no_grad()
@@ -345,3 +367,21 @@ def youden_threshold(y_true: npt.ArrayLike, prob: npt.ArrayLike) -> float | None
     j = sens + spec - 1.0
     best = np.flatnonzero(np.isclose(j, j.max()))
     return float(cands[best[np.argmin(np.abs(cands[best] - 0.5))]])
+
+
+def sensitivity_at_specificity(y_true: npt.ArrayLike, prob: npt.ArrayLike, specificity: float = 0.9) -> float:
+    """The highest sensitivity among thresholds whose specificity is at least ``specificity``.
+
+    Candidate thresholds are the distinct probabilities and +inf (everything negative); a case is
+    positive when ``prob >= threshold``. NaN when a class is absent.
+    """
+    y = np.asarray(y_true).astype(bool).ravel()
+    p = np.asarray(prob, dtype=np.float64).ravel()
+    if y.all() or not y.any():
+        return float("nan")
+    cands = np.r_[np.unique(p), np.inf]
+    pred = p[None, :] >= cands[:, None]
+    sens = (pred & y).sum(1) / y.sum()
+    spec = (~pred & ~y).sum(1) / (~y).sum()
+    ok = spec >= specificity - 1e-12
+    return float(sens[ok].max())

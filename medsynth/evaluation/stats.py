@@ -274,3 +274,67 @@ def format_estimate(e: dict[str, Any], digits: int = 3) -> str:
         return f"{format_value(e['value'], digits)} [CI {needs(MIN_PATIENTS_CI, 'patients', n_pat)}]"
     lo, hi = format_value(e.get("lo"), digits), format_value(e.get("hi"), digits)
     return f"{format_value(e['value'], digits)} [{lo}, {hi}]"
+
+
+# --------------------------------------------------------------------------------------------------
+# metric-level bootstrap (metrics that are not a mean over cases, e.g. AUROC), multiplicity, effect size
+
+
+def patient_weights(patients: Sequence[str], n_boot: int = 1000, seed: int = 0) -> FloatArray:
+    """``(n_boot, n_cases)`` case weights of the patient bootstrap: each case weighted by how often its
+    patient is drawn in each resample (the same draws as :func:`bootstrap_replicates` for these patients).
+
+    For metrics that are not a mean over cases (AUROC): compute the metric once per row of weights.
+    """
+    uniq, inv = np.unique(np.asarray(list(patients), dtype=str), return_inverse=True)
+    if uniq.size == 0:
+        return np.zeros((n_boot, 0), dtype=np.float64)
+    return np.asarray(_draws(len(uniq), n_boot, seed)[:, inv], dtype=np.float64)
+
+
+def percentile_interval(replicates: npt.ArrayLike, ci: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap replicates (non-finite replicates dropped; NaN when none is left)."""
+    return _interval(np.asarray(replicates, dtype=np.float64).ravel(), ci)
+
+
+def bootstrap_p_value(delta_replicates: npt.ArrayLike) -> float:
+    """Two-sided bootstrap p-value of "difference = 0": ``min(1, 2 min(P*(Δ <= 0), P*(Δ >= 0)))`` with
+    the +1 correction, consistent with the percentile interval of the same replicates (NaN when none)."""
+    r = np.asarray(delta_replicates, dtype=np.float64).ravel()
+    r = r[np.isfinite(r)]
+    if r.size == 0:
+        return float("nan")
+    lo = (1 + np.sum(r <= 0)) / (r.size + 1)
+    hi = (1 + np.sum(r >= 0)) / (r.size + 1)
+    return float(min(1.0, 2 * min(lo, hi)))
+
+
+def holm_adjust(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p-values of one family of tests (None/NaN entries are not tests and stay None).
+
+    The ``k``-th smallest of ``m`` p-values becomes ``max_{j <= k} min(1, (m - j + 1) p_(j))``
+    (step-down; controls the family-wise error rate).
+    """
+    idx = [i for i, p in enumerate(p_values) if p is not None and math.isfinite(p)]
+    out: list[float | None] = [None] * len(p_values)
+    m = len(idx)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda j: float(p_values[j]))):  # type: ignore[arg-type]
+        adj = min(1.0, (m - rank) * float(p_values[i]))  # type: ignore[arg-type]
+        running = max(running, adj)
+        out[i] = running
+    return out
+
+
+def cohens_dz(a: npt.ArrayLike, b: npt.ArrayLike, patients: Sequence[str]) -> float:
+    """Paired standardised effect size: mean / sd (ddof 1) of the per-patient mean differences ``a - b``.
+
+    Cases where either value is NaN are dropped. NaN with fewer than 2 patients or zero spread.
+    """
+    av = np.asarray(a, dtype=np.float64).ravel()
+    bv = np.asarray(b, dtype=np.float64).ravel()
+    _, d = patient_means(np.where(np.isfinite(av) & np.isfinite(bv), av - bv, np.nan), patients)
+    if d.size < 2:
+        return float("nan")
+    sd = float(d.std(ddof=1))
+    return float(d.mean() / sd) if sd > 0 else float("nan")

@@ -51,6 +51,23 @@ def dataset_fingerprint(cfg: MedsynthConfig) -> str:
     return sha256_json(rows)
 
 
+def files_fingerprint(path: str | Path) -> str:
+    """Digest of the files under ``path`` (or of one file): paths, sizes and modification times."""
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    rows = []
+    for p in files:
+        st = p.stat() if p.exists() else None
+        rows.append([str(p), st.st_size if st else None, st.st_mtime_ns if st else None])
+    return sha256_json(rows)
+
+
+def external_test_fingerprint(cfg: MedsynthConfig) -> str | None:
+    """Digest of the experiment's external test set (None when there is none)."""
+    ext = cfg.experiment.external_test
+    return files_fingerprint(ext) if ext else None
+
+
 def mask_source_fingerprint(cfg: MedsynthConfig) -> str | None:
     """Digest of the mask files a folder/manifest synthesis source reads (None for the split source).
 
@@ -289,7 +306,8 @@ def run_generator(run: StageRun) -> StageResult:
     from medsynth.synthesis.bundle import export_bundle
 
     runs = {s: run.path(s) for s in ("autoencoder", "unet", "controlnet")}
-    bundle = export_bundle(run.cfg, runs, run.out / "bundle")
+    # the bundle's config carries the calibrated guidance scale (the registered model's default)
+    bundle = export_bundle(resolved_sampling(run), runs, run.out / "bundle")
     weights = list(bundle.rglob("*.safetensors"))
     size_mb = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 2**20
     return StageResult(
@@ -327,6 +345,106 @@ def run_features(run: StageRun) -> StageResult:
         cfg.validation.features.train.steps,
         lambda ctx: train_feature_encoder(cfg, run.path("preprocess"), ctx),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# guidance calibration
+
+
+class CalibrationResult(StageResult):
+    """Result of the guidance calibration: the chosen scale and why."""
+
+    guidance_scale: float = 1.0
+    met: bool = False
+    reason: str = ""
+
+
+def run_calibrate(run: StageRun) -> StageResult:
+    """Sweep classifier-free guidance scales on the VALIDATION split and choose the one synthesis uses.
+
+    The smallest scale whose lesion Dice ratio (reference segmenter, synthetic/real) reaches
+    ``sampling.calibration.min_dice_ratio`` with the lesion contrast ratio inside
+    ``[contrast_low, contrast_high]``; else the best trade-off (see ``evaluation/calibration.py``).
+    """
+    import json
+
+    from medsynth.data.dataset import load_split
+    from medsynth.errors import DataError
+    from medsynth.evaluation.calibration import calibrate_guidance, plot_sweep
+    from medsynth.evaluation.segmenter import load_segmenter
+    from medsynth.fileio import write_text_atomic
+    from medsynth.generator import load_generator
+
+    cfg = run.cfg
+    dev = run.torch_device()
+    pre = run.path("preprocess")
+    try:
+        val = load_split(pre, "val")
+    except DataError as exc:
+        raise DataError(
+            pre,
+            "guidance calibration needs a validation split",
+            hint="set data.split.val > 0, or pin sampling.guidance_scale",
+        ) from exc
+    gen = load_generator(cfg, run.path("autoencoder"), run.path("unet"), run.path("controlnet"), dev)
+    seg = load_segmenter(cfg, run.path("segmenter"), dev)
+    choice = calibrate_guidance(cfg, gen, val, seg)
+    run.out.mkdir(parents=True, exist_ok=True)
+    data = write_text_atomic(run.out / "calibration.json", json.dumps(choice.model_dump(mode="json"), indent=2) + "\n")
+    plot = plot_sweep(run.out / "guidance_sweep.png", choice, cfg.sampling.calibration)
+    log.info("guidance calibration: %s", choice.reason)
+    for i, row in enumerate(r for r in choice.rows if r.get("scale") is not None):
+        numbers = {
+            f"calibration/{k}": float(v)
+            for k, v in row.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        run.tracker.log_metrics(numbers, step=i)  # the sweep as curves over the scales (step = index)
+    metrics = {"calibration/guidance_scale": choice.scale, "calibration/met": float(choice.met)}
+    for name, v in (("dice_ratio", choice.dice_ratio), ("contrast_ratio", choice.contrast_ratio), ("fp", choice.fp)):
+        if v is not None:
+            metrics[f"calibration/chosen_{name}"] = float(v)
+    return CalibrationResult(
+        metrics=metrics,
+        outputs={"calibration": str(data), "plot": str(plot)},
+        artifacts={"calibration": [str(data), str(plot)]},
+        headline={"calibration/guidance_scale": choice.scale},
+        message=choice.reason,
+        guidance_scale=choice.scale,
+        met=choice.met,
+        reason=choice.reason,
+    )
+
+
+def resolved_sampling(run: StageRun) -> MedsynthConfig:
+    """The config with ``sampling.guidance_scale`` resolved: pinned, or the calibrated value."""
+    return with_calibrated_guidance(run.cfg, run.root)
+
+
+def with_calibrated_guidance(cfg: MedsynthConfig, root: Path) -> MedsynthConfig:
+    """``cfg`` with an ``auto`` guidance scale replaced by the calibration stage's choice (when it ran)."""
+    if not needs_calibration(cfg):
+        return cfg
+    from medsynth.pipeline.keys import read_stamp
+    from medsynth.pipeline.registry import get_stage
+
+    stamp = read_stamp(root, get_stage("calibrate"))
+    if stamp is None:
+        return cfg  # sampling.scale then says, in one line, that calibration has to run first
+    scale = float(stamp.result["guidance_scale"])
+    update: dict[str, Any] = {}
+    if cfg.sampling.guidance_scale == "auto":
+        update["sampling"] = cfg.sampling.with_scale(scale)
+    pool = cfg.experiment.pool_sampling
+    if pool is not None and pool.guidance_scale == "auto":
+        update["experiment"] = cfg.experiment.model_copy(update={"pool_sampling": pool.with_scale(scale)})
+    return cfg.model_copy(update=update)
+
+
+def needs_calibration(cfg: MedsynthConfig) -> bool:
+    """True when synthesis or the experiment pool leaves the guidance scale to the calibration (``auto``)."""
+    pool = cfg.experiment.pool_sampling
+    return cfg.sampling.guidance_scale == "auto" or (pool is not None and pool.guidance_scale == "auto")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +524,7 @@ def synthesize_from_model(
     from medsynth.tracking.mlflow_store import download_model, tracking_uri
 
     root = stage_root(cfg)
+    cfg = with_calibrated_guidance(cfg, root)
     safe = model_uri.removeprefix("models:/").replace("/", "-")
     bundle = download_model(model_uri, root / "registry" / safe, tracking_uri(cfg))
     gen = load_bundle(bundle, resolve_device(device))
@@ -429,13 +548,14 @@ def run_synthesize(run: StageRun) -> StageResult:
     from medsynth.synthesis.run import synthesize_from_config
 
     opts = run.options if isinstance(run.options, SynthesizeOptions) else SynthesizeOptions()
+    cfg = resolved_sampling(run)
     target = opts.out if opts.out is not None else run.out
     overwrite = opts.overwrite or opts.out is None  # the pipeline owns synthetic/
     if opts.model:
-        summary = synthesize_from_model(run.cfg, opts.model, target, overwrite, run.tracker, run.progress, run.device)
+        summary = synthesize_from_model(cfg, opts.model, target, overwrite, run.tracker, run.progress, run.device)
     else:
         summary = synthesize_from_config(
-            run.cfg,
+            cfg,
             run.path("autoencoder"),
             run.path("unet"),
             run.path("controlnet"),
@@ -477,7 +597,7 @@ def run_validate(run: StageRun) -> StageResult:
     from medsynth.evaluation.validate import REPORT_JSON, flat_metrics, run_validation
     from medsynth.generator import load_generator
 
-    cfg = run.cfg
+    cfg = resolved_sampling(run)
     gen = load_generator(cfg, run.path("autoencoder"), run.path("unet"), run.path("controlnet"), run.torch_device())
     features_run = None if cfg.validation.feature_weights else run.path("features")
     rep = run_validation(
@@ -520,14 +640,17 @@ def _validation_headline(cfg: MedsynthConfig, metrics: dict[str, float]) -> dict
 
 
 def run_experiment(run: StageRun) -> StageResult:
-    """The downstream augmentation grid: synthetic pool from training masks, then every cell."""
+    """The downstream augmentation grid: synthetic pool from training masks, then every cell.
+
+    Cells already recorded under the same grid key are not retrained; the pool resumes per batch.
+    """
     from medsynth.data.dataset import load_split
     from medsynth.errors import DataError
     from medsynth.evaluation.experiment import grid_cells, make_pool, run_grid
     from medsynth.generator import load_generator
     from medsynth.progress import LogProgress
 
-    cfg = run.cfg
+    cfg = resolved_sampling(run)
     pre = run.path("preprocess")
     dev = run.torch_device()
     train = load_split(pre, "train")
@@ -541,21 +664,26 @@ def run_experiment(run: StageRun) -> StageResult:
         gen = load_generator(cfg, run.path("autoencoder"), run.path("unet"), run.path("controlnet"), dev)
         pool_progress = LogProgress(len(train) * cfg.experiment.pool_per_mask, "synthetic pool")
         pool = make_pool(gen, train, cfg, run.out / "pool", pool_progress)
+    external = None
+    if cfg.experiment.external_test:
+        from medsynth.evaluation.external import load_external_test
+
+        external = load_external_test(cfg, cfg.experiment.external_test)
 
     def cell_map(work: Any, cells: list[Any], on_done: Any) -> None:
         for rec in run.fan_out(work, cells):
             on_done(rec)
 
     grid_progress = LogProgress(len(grid_cells(cfg)), "experiment grid (cells)", every_s=30.0)
-    res = run_grid(cfg, train, val, test, pool, run.out, run.child_runs, grid_progress, dev, cell_map)
+    res = run_grid(cfg, train, val, test, pool, run.out, run.child_runs, grid_progress, dev, cell_map, external)
     headline: dict[str, float] = {}
     for row in res.summary:
-        arm, delta = row.get("arm"), row.get("delta_vs_real")
-        if arm not in (None, "real") and delta is not None and int(row.get("ratio", 0)) > 0:
-            pct = round(float(row["fraction"]) * 100)
-            headline[f"exp/delta_{res.metric}_{arm}_r{int(row['ratio'])}_f{pct}"] = float(delta)
+        if row.arm != "real" and row.delta_vs_real is not None and row.ratio > 0:
+            pct = round(row.fraction * 100)
+            headline[f"exp/delta_{row.task}_{row.metric}_{row.arm}_r{row.ratio}_f{pct}"] = float(row.delta_vs_real)
+    growth = {f"exp/real_only_grows_{t}": float(g.grows) for t, g in res.growth.items() if g.grows is not None}
     return StageResult(
-        metrics={"exp/n_cells": len(res.cells), "exp/n_trained": len(res.trained), **headline},
+        metrics={"exp/n_cells": len(res.cells), "exp/n_trained": len(res.trained), **growth, **headline},
         outputs={
             "summary_md": str(res.summary_md),
             "summary_csv": str(res.summary_csv),
@@ -563,7 +691,7 @@ def run_experiment(run: StageRun) -> StageResult:
             "cells": str(res.cells_path),
         },
         artifacts={"experiment": [str(res.summary_md), str(res.summary_csv), str(res.plot)]},
-        headline=headline,
+        headline={**headline, **growth},
     )
 
 
@@ -730,17 +858,6 @@ register_stage(
 )
 register_stage(
     Stage(
-        "generator",
-        run_generator,
-        after=("autoencoder", "unet", "controlnet"),
-        cli=("train", "generator"),
-        register="generator",
-        digest=_bundle_digest,
-        help="Bundle the trained autoencoder, UNet and ControlNet (+ config) as the registered generator.",
-    )
-)
-register_stage(
-    Stage(
         "segmenter",
         run_segmenter,
         reads=("segmenter",),
@@ -751,6 +868,33 @@ register_stage(
         digest=_checkpoint_digest,
         progress_total=lambda cfg: cfg.segmenter.train.steps,
         help="Train the reference segmenter on the real training split (for plausibility).",
+    )
+)
+register_stage(
+    Stage(
+        "calibrate",
+        run_calibrate,
+        reads=("sampling", "autoencoder.tiling"),
+        after=("autoencoder", "unet", "controlnet", "segmenter", "preprocess"),
+        result=CalibrationResult,
+        folder="calibration",
+        cli=("calibrate",),
+        enabled=needs_calibration,
+        digest=_file_digest("calibration.json"),
+        help="Choose the guidance scale on the validation split (sampling.guidance_scale: auto): the smallest "
+        "scale whose lesion Dice ratio and contrast ratio match the real images.",
+    )
+)
+register_stage(
+    Stage(
+        "generator",
+        run_generator,
+        reads=("sampling",),  # the bundle's config: sampling defaults of the registered model
+        after=("autoencoder", "unet", "controlnet", "calibrate"),
+        cli=("train", "generator"),
+        register="generator",
+        digest=_bundle_digest,
+        help="Bundle the trained autoencoder, UNet and ControlNet (+ config) as the registered generator.",
     )
 )
 register_stage(
@@ -772,7 +916,7 @@ register_stage(
         "synthesize",
         run_synthesize,
         reads=("synthesis", "sampling", "autoencoder.tiling"),
-        after=("generator", "preprocess"),
+        after=("generator", "calibrate", "preprocess"),
         result=SynthesisResult,
         folder="synthetic",
         cli=("synthesize",),
@@ -788,7 +932,7 @@ register_stage(
         "validate",
         run_validate,
         reads=("validation", "sampling", "autoencoder.tiling"),
-        after=("generator", "segmenter", "features", "preprocess"),
+        after=("generator", "calibrate", "segmenter", "features", "preprocess"),
         version=3,  # 2: label contrast; 3: contrast, worst cases and diversity on the lesion label only
         folder="validation",
         cli=("validate",),
@@ -802,7 +946,8 @@ register_stage(
         "experiment",
         run_experiment,
         reads=("experiment", "sampling", "segmenter", "autoencoder.tiling"),
-        after=("generator", "preprocess"),
+        after=("generator", "calibrate", "preprocess"),
+        inputs=external_test_fingerprint,
         cli=("experiment",),
         fan_out=True,
         digest=_file_digest("summary.csv"),
@@ -826,7 +971,7 @@ register_stage(
     Stage(
         "report",
         run_report,
-        after=("check", "generator", "synthesize", "validate", "experiment"),
+        after=("check", "generator", "calibrate", "synthesize", "validate", "experiment"),
         options=ReportOptions,
         enabled=lambda cfg: cfg.tracking.enabled,
         managed=lambda o: isinstance(o, ReportOptions) and o.pipeline_run_id is not None,

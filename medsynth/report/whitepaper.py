@@ -217,56 +217,79 @@ def realism_section(res: ExperimentResults) -> list[str]:
     return _table(["measure", "value", "note"], rows)
 
 
+def _task_of(row: dict[str, Any]) -> str:
+    """The task of a summary row (rows written before the tasks list have no ``task``: AUROC = presence)."""
+    task = row.get("task")
+    if task:
+        return str(task)
+    return "presence" if row.get("auroc_mean") not in (None, "") else "segmentation"
+
+
 def downstream_section(res: ExperimentResults) -> list[str]:
-    """The grid summary: metric per (arm, fraction, ratio) with CIs and the paired comparison."""
+    """The grid summary per task: metric per (arm, fraction, ratio) with CIs and the paired comparison."""
+    from medsynth.evaluation.experiment_report import real_only_growth, row_from_flat
+
     rows_in = res.experiment_rows
     run = res.stage("experiment")
     if not rows_in or run is None:
         return ["_The downstream experiment did not run for this config._"]
-    metric = "auroc" if "auroc_mean" in rows_in[0] else "dice"
-    label = "AUROC" if metric == "auroc" else "Dice"
-    rows = []
-    for r in rows_in:
-        arm = {"real": "real" if not r["ratio"] else f"real + {r['ratio']}x synthetic"}.get(
-            r["arm"], "real + classical aug." if r["arm"] == "real_classical" else f"synthetic only ({r['ratio']}x)"
-        )
-        delta = "–"
-        if r.get("delta_vs_real") is not None:
-            delta = f"{_f(r['delta_vs_real'])} [{_f(r.get('delta_lo'))}, {_f(r.get('delta_hi'))}]"
-        rows.append(
-            [
-                arm,
-                f"{100 * float(r['fraction']):g}%",
-                _f(r.get("n_real_patients"), 0),
-                _f(r.get("n_real"), 0),
-                _f(r.get("n_synthetic"), 0),
-                f"{_f(r.get(f'{metric}_mean'))} ± {_f(r.get(f'{metric}_sd'))}",
-                f"[{_f(r.get('ci_lo'))}, {_f(r.get('ci_hi'))}]",
-                delta,
-                _f(r.get("p_value"), 4),
-            ]
-        )
     cells = res.record.cells
     out = [
-        f"Task: {'tumour/lesion presence per image' if metric == 'auroc' else 'segmentation'}; "
         f"{len(cells)} grid cells, each its own tracked run under the experiment run {_rid(run.run_id)}; "
-        f"{res.cfg('experiment.train.steps')} optimiser steps per cell.",
+        f"each cell trains until its validation score stops improving (at most "
+        f"{res.cfg('experiment.train.steps')} classifier steps) and keeps its best-on-validation weights.",
         "",
-        *_table(
-            [
-                "arm",
-                "real fraction",
-                "patients",
-                "n real (mean over seeds)",
-                "n synthetic",
-                f"{label} mean ± sd (seeds)",
-                "95% CI",
-                f"Δ {label} vs real only [95% CI]",
-                "p",
-            ],
-            rows,
-        ),
     ]
+    for task in dict.fromkeys(_task_of(r) for r in rows_in):
+        metric = "auroc" if task == "presence" else "dice"
+        label = "AUROC" if metric == "auroc" else "Dice"
+        rows = []
+        for r in (r for r in rows_in if _task_of(r) == task):
+            arm = {"real": "real" if not r["ratio"] else f"real + {r['ratio']}x synthetic"}.get(
+                r["arm"], "real + classical aug." if r["arm"] == "real_classical" else f"synthetic only ({r['ratio']}x)"
+            )
+            delta = "–"
+            if r.get("delta_vs_real") not in (None, ""):
+                delta = f"{_f(r['delta_vs_real'])} [{_f(r.get('delta_lo'))}, {_f(r.get('delta_hi'))}]"
+            rows.append(
+                [
+                    arm,
+                    f"{100 * float(r['fraction']):g}%",
+                    _f(r.get("n_real_patients"), 0),
+                    _f(r.get("n_real"), 0),
+                    _f(r.get("n_synthetic"), 0),
+                    f"{_f(r.get(f'{metric}_mean'))} ± {_f(r.get(f'{metric}_sd'))}",
+                    f"[{_f(r.get('ci_lo'))}, {_f(r.get('ci_hi'))}]",
+                    delta,
+                    _f(r.get("p_value"), 4),
+                    _f(r.get("p_holm"), 4),
+                ]
+            )
+        what = "tumour/lesion presence per image" if task == "presence" else "segmentation"
+        out += [f"Task: {what}.", ""]
+        try:
+            growth = real_only_growth([row_from_flat(r) for r in rows_in if _task_of(r) == task], task)
+            out += [f"Real-only check: {growth.message}", ""]
+        except ValueError:  # a summary written by an older version without the fields the check needs
+            pass
+        out += [
+            *_table(
+                [
+                    "arm",
+                    "real fraction",
+                    "patients",
+                    "n real (mean over seeds)",
+                    "n synthetic",
+                    f"{label} mean ± sd (seeds)",
+                    "95% CI",
+                    f"Δ {label} vs real only [95% CI]",
+                    "p",
+                    "p (Holm, across fractions)",
+                ],
+                rows,
+            ),
+            "",
+        ]
     return out
 
 
@@ -308,7 +331,7 @@ def findings_section(results: Sequence[ExperimentResults]) -> list[str]:
         for r in res.experiment_rows:
             if r["arm"] != "real" or not r["ratio"] or abs(float(r["fraction"]) - 0.1) > 1e-9:
                 continue
-            if r.get("delta_vs_real") is None:
+            if r.get("delta_vs_real") in (None, ""):
                 continue
             lo, hi = r.get("delta_lo"), r.get("delta_hi")
             excl = lo is not None and hi is not None and (lo > 0 or hi < 0)
@@ -316,7 +339,7 @@ def findings_section(results: Sequence[ExperimentResults]) -> list[str]:
             rows.append(
                 [
                     res.name,
-                    f"Δ downstream metric at 10% real, + {r['ratio']}x synthetic (CI excludes 0?)",
+                    f"Δ {_task_of(r)} metric at 10% real, + {r['ratio']}x synthetic (CI excludes 0?)",
                     f"{_f(r['delta_vs_real'])} [{_f(lo)}, {_f(hi)}]",
                     sign,
                 ]

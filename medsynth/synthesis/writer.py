@@ -107,7 +107,7 @@ class Provenance:
     @classmethod
     def from_sampling(cls, hashes: dict[str, str], sampling: SamplingConfig) -> Provenance:
         """Provenance of a generator's hashes and a sampling config."""
-        return cls(dict(hashes), sampling.sampler, sampling.steps, sampling.guidance_scale, sampling.eta)
+        return cls(dict(hashes), sampling.sampler, sampling.steps, sampling.scale, sampling.eta)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest fields."""

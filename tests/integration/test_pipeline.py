@@ -72,8 +72,13 @@ def _check_store(client: Any, experiment: str, parent_id: str) -> None:
     exp_id = children["experiment"].info.run_id
     cells = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == exp_id]
     assert cells and all(r.data.tags["medsynth.stage"] == "experiment-cell" for r in cells)
-    assert {"fraction", "ratio", "seed", "arm"} <= set(cells[0].data.params)
-    assert "test_auroc" in cells[0].data.metrics
+    assert all({"task", "fraction", "ratio", "seed", "arm"} <= set(r.data.params) for r in cells)
+    by_task: dict[str, list[Any]] = {}
+    for r in cells:
+        by_task.setdefault(r.data.params["task"], []).append(r)
+    assert set(by_task) == {"presence", "segmentation"}  # both downstream tasks on 2D data
+    assert all("test_auroc" in r.data.metrics for r in by_task["presence"])
+    assert all({"chosen_step", "stopped_step"} <= set(r.data.metrics) for r in cells)
     assert any(a.endswith("_vs_fraction.png") for a in _artifacts(client, exp_id))
     ae = children["autoencoder"]
     assert len(client.get_metric_history(ae.info.run_id, "ae/train_loss")) >= 1  # metrics with steps

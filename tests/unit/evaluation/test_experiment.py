@@ -31,23 +31,20 @@ from medsynth.config.schema import MedsynthConfig
 from medsynth.config.stages import SamplingConfig
 from medsynth.data.dataset import ArraySet
 from medsynth.errors import ConfigError, DataError
+from medsynth.evaluation.cells import presence_labels, resolve_target_label
 from medsynth.evaluation.classifier import (
     binary_metrics,
     classical_augment,
     weighted_auroc,
     youden_threshold,
 )
-from medsynth.evaluation.experiment import (
-    CELLS_FILE,
+from medsynth.evaluation.grid import CELLS_FILE, run_grid
+from medsynth.evaluation.pool import SyntheticPool, make_pool
+from medsynth.evaluation.selection import (
     PatientLeakError,
-    SyntheticPool,
     check_no_leak,
     grid_cells,
-    make_pool,
-    presence_labels,
-    resolve_target_label,
-    resolve_task,
-    run_grid,
+    resolve_tasks,
     select_cell,
     select_patients,
 )
@@ -100,6 +97,8 @@ def fake_pool(train: ArraySet, per_mask: int = 2, seed: int = 0) -> SyntheticPoo
 
 def make_cfg(**experiment: Any) -> MedsynthConfig:
     exp: dict[str, Any] = {
+        "tasks": ["presence"],
+        "convergence": {"eval_every": 5, "patience": 2},
         "fractions": [0.5, 1.0],
         "ratios": [0, 1],
         "seeds": [0],
@@ -158,7 +157,8 @@ def test_config_defaults_and_validation() -> None:
     assert ExperimentConfig(fractions=[1.0, 0.2]).fractions == [0.2, 1.0]
     for bad in (
         {"arms": ["synthetic_only"], "ratios": [0]},
-        {"pool_edits": ["flip+transplant"]},
+        {"tasks": []},
+        {"tasks": ["presence", "presence"]},
         {"fractions": [0.0]},
         {"ratios": [1, 1]},
         {"unknown_key": 1},
@@ -169,8 +169,8 @@ def test_config_defaults_and_validation() -> None:
 
 
 def test_task_and_target_label() -> None:
-    assert resolve_task(make_cfg()) == "presence"
-    assert resolve_task(make_cfg(task="segmentation")) == "segmentation"
+    assert resolve_tasks(make_cfg(tasks=None)) == ["presence", "segmentation"]
+    assert resolve_tasks(make_cfg(tasks=["segmentation"])) == ["segmentation"]
     assert resolve_target_label(LABELS) == 2
     assert resolve_target_label({0: "bg", 1: "tumour", 2: "brain"}) == 1
     assert resolve_target_label({0: "bg", 1: "anterior", 2: "posterior"}) == 2
@@ -256,12 +256,13 @@ def test_synthetic_items_only_from_selected_patients(splits: tuple[ArraySet, Arr
 
 
 def test_grid_cells_design() -> None:
-    cells = grid_cells(make_cfg(ratios=[0, 1, 2], seeds=[0, 1]))
+    cells = grid_cells(make_cfg(ratios=[0, 1, 2], seeds=[0, 1], tasks=["presence", "segmentation"]))
     by_arm: dict[str, set[int]] = {}
     for c in cells:
         by_arm.setdefault(c.arm, set()).add(c.ratio)
     assert by_arm == {"real": {0, 1, 2}, "real_classical": {0}, "synthetic_only": {1, 2}}
-    assert len(cells) == 2 * 2 * (3 + 1 + 2) and len({c.name for c in cells}) == len(cells)
+    assert len(cells) == 2 * 2 * 2 * (3 + 1 + 2) and len({c.name for c in cells}) == len(cells)
+    assert {c.task for c in cells} == {"presence", "segmentation"} and cells[0].name == "presence-real-f0.5-r0-s0"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,27 +371,43 @@ def test_run_grid_writes_summary_and_resumes(splits: tuple[ArraySet, ArraySet, A
 
     res = run_grid(cfg, train, val, test, pool, tmp_path, tracker_factory=factory)
     names = [c.name for c in grid_cells(cfg)]
-    assert len(names) == 8 and res.trained == names and res.skipped == [] and res.task == "presence"
+    assert len(names) == 8 and res.trained == names and res.skipped == [] and res.tasks == ["presence"]
     assert [n for n, _ in opened] == names
-    tr = dict(opened)["real-f0.5-r1-s0"]
+    tr = dict(opened)["presence-real-f0.5-r1-s0"]
     assert tr.params["ratio"] == 1 and tr.params["n_synthetic"] == tr.params["n_real"] == 16
     assert 0.0 <= tr.metrics["test_auroc"] <= 1.0 and "train_loss" in tr.metrics
+    assert "val_auroc" in tr.metrics and 1 <= tr.metrics["chosen_step"] <= 20  # the validation curve is logged
     lines = (tmp_path / CELLS_FILE).read_text(encoding="utf-8").splitlines()
     assert len(lines) == 8
-    rec = json.loads(lines[0])
-    assert len(rec["test_scores"]) == len(test) and {"auroc", "balanced_accuracy", "f1"} <= set(rec["metrics"])
+    rec = json.loads(lines[0])["record"]
+    assert len(rec["test_scores"]) == len(test) and {"auroc", "sens_at_spec90", "f1"} <= set(rec["metrics"])
+    conv = rec["convergence"]
+    assert conv["curve"] and conv["chosen_step"] in [s for s, _ in conv["curve"]]
     for p in (res.summary_csv, res.summary_md, res.plot):
         assert p.is_file() and p.stat().st_size > 0
-    assert res.plot.name == "auroc_vs_fraction.png" and res.plot.read_bytes()[:8] == PNG_MAGIC
-    assert "real + 1x synthetic" in res.summary_md.read_text(encoding="utf-8")
-    rows = {(r["arm"], r["fraction"], r["ratio"]): r for r in res.summary}
-    assert len(rows) == 8 and rows[("real", 0.5, 0)]["delta_vs_real"] is None
+    assert res.plot.read_bytes()[:8] == PNG_MAGIC
+    md = res.summary_md.read_text(encoding="utf-8")
+    assert "real + 1x synthetic" in md and "Real-only check" in md and "p (Holm)" in md
+    rows = {(r.arm, r.fraction, r.ratio): r for r in res.summary}
+    assert len(rows) == 8 and rows[("real", 0.5, 0)].delta_vs_real is None
     for key in (("real", 0.5, 1), ("real_classical", 1.0, 0), ("synthetic_only", 1.0, 1)):
         r = rows[key]
-        assert r["delta_vs_real"] is not None and 0.0 <= r["p_value"] <= 1.0 and r["delta_lo"] <= r["delta_hi"]
+        assert r.delta_vs_real is not None and r.p_value is not None and 0.0 <= r.p_value <= 1.0
+        assert r.delta_lo is not None and r.delta_hi is not None and r.delta_lo <= r.delta_hi
+        assert r.p_holm is not None and r.p_holm >= r.p_value
     base = rows[("real", 1.0, 0)]
-    assert base["ci_lo"] <= base["auroc_mean"] <= base["ci_hi"] and base["n_real"] == 32
-    assert rows[("synthetic_only", 0.5, 1)]["n_real"] == 0 and rows[("synthetic_only", 0.5, 1)]["n_synthetic"] == 16
+    assert base.ci_lo is not None and base.ci_hi is not None and base.mean is not None
+    assert base.ci_lo <= base.mean <= base.ci_hi and base.n_real == 32
+    assert rows[("synthetic_only", 0.5, 1)].n_real == 0 and rows[("synthetic_only", 0.5, 1)].n_synthetic == 16
+    assert res.growth["presence"].grows is not None and res.growth["presence"].message
+    header = res.summary_csv.read_text(encoding="utf-8").splitlines()[0].split(",")
+    assert {"task", "auroc_mean", "auroc_sd", "ci_lo", "delta_vs_real", "p_holm"} <= set(header)
+    # the whitepaper reads summary.csv back: the same rows and the same real-only check
+    from medsynth.evaluation.experiment_report import real_only_growth, row_from_flat
+    from medsynth.report.collect import _read_csv
+
+    back = [row_from_flat(r) for r in _read_csv(res.summary_csv)]
+    assert back == res.summary and real_only_growth(back, "presence") == res.growth["presence"]
 
     # second run: nothing is trained, no run is opened, the same summary is written
     opened.clear()
@@ -407,11 +424,13 @@ def test_run_grid_writes_summary_and_resumes(splits: tuple[ArraySet, ArraySet, A
 
 def test_segmentation_grid_tiny(splits: tuple[ArraySet, ArraySet, ArraySet], tmp_path: Path) -> None:
     train, _, test = splits
-    cfg = make_cfg(task="segmentation", arms=["real", "real_classical"], fractions=[1.0], segmenter_steps=4)
+    cfg = make_cfg(tasks=["segmentation"], arms=["real", "real_classical"], fractions=[1.0], segmenter_steps=4)
     res = run_grid(cfg, train, None, test, fake_pool(train, per_mask=1), tmp_path)
-    assert res.metric == "dice" and res.plot.name == "dice_vs_fraction.png" and res.plot.is_file()
-    rows = {(r["arm"], r["ratio"]): r for r in res.summary}
+    assert res.metric == "dice" and res.plot.is_file()
+    rows = {(r.arm, r.ratio): r for r in res.summary}
     assert set(rows) == {("real", 0), ("real", 1), ("real_classical", 0)}
     for r in rows.values():
-        assert 0.0 <= r["dice_mean"] <= 1.0
-    assert rows[("real", 1)]["delta_vs_real"] is not None and rows[("real", 1)]["p_value"] is not None
+        assert r.mean is not None and 0.0 <= r.mean <= 1.0 and r.means["fp_rate"] is not None
+        assert r.chosen_step_mean == 4  # no validation split: the last step
+    assert rows[("real", 1)].delta_vs_real is not None and rows[("real", 1)].p_value is not None
+    assert rows[("real", 1)].effect_dz is not None or rows[("real", 1)].delta_vs_real == 0

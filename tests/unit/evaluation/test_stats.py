@@ -110,3 +110,29 @@ def test_table_formatting_of_values_and_estimates() -> None:
     assert format_value(float("nan"), missing="–") == "–"
     assert format_estimate({"value": 0.9, "lo": 0.85, "hi": None}) == "0.900 [0.850, n/a]"
     assert format_estimate({"value": None}) == "n/a"
+
+
+def test_holm_adjust_matches_hand_computation() -> None:
+    from medsynth.evaluation.stats import holm_adjust
+
+    # m = 4 tests (None is not a test): sorted 0.01, 0.02, 0.03, 0.2 -> 0.04, 0.06, 0.06 (monotone), 0.2
+    got = holm_adjust([0.03, None, 0.01, 0.2, 0.02])
+    assert got[1] is None
+    assert got == pytest.approx([0.06, None, 0.04, 0.2, 0.06])
+    assert holm_adjust([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert holm_adjust([]) == []
+
+
+def test_bootstrap_p_value_and_effect_size() -> None:
+    from medsynth.evaluation.stats import bootstrap_p_value, cohens_dz, patient_weights, percentile_interval
+
+    assert bootstrap_p_value(np.full(99, 0.5)) == pytest.approx(2 / 100)
+    assert bootstrap_p_value(np.linspace(-1, 1, 101)) == pytest.approx(1.0)
+    lo, hi = percentile_interval(np.arange(101.0), 0.9)
+    assert (lo, hi) == pytest.approx((5.0, 95.0))
+    pats = ["a", "a", "b", "c"]
+    w = patient_weights(pats, 20, 0)
+    assert w.shape == (20, 4) and np.all(w[:, 0] == w[:, 1]) and np.all(w.sum(1) >= 3)
+    d = cohens_dz([1.0, 1.0, 2.0, 3.5], [0.0, 0.0, 0.5, 1.0], pats)  # per-patient diffs 1, 1.5, 2.5
+    assert d == pytest.approx(np.mean([1, 1.5, 2.5]) / np.std([1, 1.5, 2.5], ddof=1))
+    assert math.isnan(cohens_dz([1.0], [0.0], ["a"]))
