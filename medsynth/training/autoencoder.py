@@ -40,11 +40,16 @@ AE, AE_EMA, DISC = "autoencoder", "autoencoder_ema", "discriminator"
 
 @dataclass(frozen=True)
 class StageResult:
-    """Outcome of a training stage: its final checkpoint and summary metrics."""
+    """Outcome of a training stage: its final checkpoint and summary metrics.
+
+    ``drawn`` holds, for each optimiser step this process ran (in order), the dataset indices of the
+    batch it drew (recorded by the diffusion loop; empty where a loop does not record it or nothing ran).
+    """
 
     run_dir: Path
     checkpoint: Path
     metrics: dict[str, float]
+    drawn: tuple[tuple[int, ...], ...] = ()
 
 
 def metrics_of(ckpt: Checkpoint) -> dict[str, float]:

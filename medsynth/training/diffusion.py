@@ -77,10 +77,12 @@ def train_diffusion(
     model = wrap_ddp(unet, ctx.dist, dev)
     timer = StepTimer("diffusion", start, oc.steps, ctx.dist.is_main)
     metrics: dict[str, float] = {}
+    drawn: list[tuple[int, ...]] = []  # this process's batch indices per step (a record for checks)
 
     for step in range(start, oc.steps):
         # --- batch and loss ---
         idx = batch_indices(len(train), step, oc.batch_size, oc.seed, ctx.dist.rank, ctx.dist.world_size)
+        drawn.append(tuple(int(i) for i in idx))
         x0 = train.latents[idx].to(dev) * train.scale_factor
         g = step_generator(oc.seed, step, ctx.dist.rank, dev)
         model.train()
@@ -112,7 +114,7 @@ def train_diffusion(
 
     # --- final checkpoint and an unconditional sample grid ---
     if not ctx.dist.is_main:
-        return StageResult(ctx.run_dir, ctx.run_dir, metrics)
+        return StageResult(ctx.run_dir, ctx.run_dir, metrics, tuple(drawn))
     ckpt = ctx.save(
         oc.steps,
         networks,
@@ -140,4 +142,4 @@ def train_diffusion(
         ]
         grid = save_grid(ctx.run_dir / "samples" / "unconditional.png", rows, titles=["real", "sampled", "sampled"])
         ctx.tracker.log_artifact(grid, "samples/unet")
-    return StageResult(ctx.run_dir, ckpt.path, metrics)
+    return StageResult(ctx.run_dir, ckpt.path, metrics, tuple(drawn))
