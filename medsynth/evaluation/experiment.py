@@ -61,6 +61,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -837,6 +838,7 @@ def run_grid(
             tracker.log_metrics({f"test_{k}": v for k, v in rec["metrics"].items() if v is not None})
         rec = {"cell": cell.name, "key": key, **cell.params(), "task": task, **data.info(), **rec}
         rec["seconds"] = round(time.monotonic() - t0, 3)
+        rec["worker"] = {"pid": os.getpid(), "thread": threading.current_thread().name}  # where it ran
         return rec
 
     def on_done(rec: dict[str, Any]) -> None:
