@@ -85,7 +85,14 @@ class MlflowSession:
     def __init__(self, cfg: MedsynthConfig) -> None:
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
-        mlflow.set_tracking_uri(self.uri)
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.uri)  # the fluent artifact helpers resolve against it
+        # mlflow also exports it as $MLFLOW_TRACKING_URI, which tracking_uri() reads as the user's choice:
+        # left there, the next config run in this process would log into THIS store
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
         self.client = MlflowClient(self.uri)
         name = cfg.tracking.experiment or cfg.name
         exp = self.client.get_experiment_by_name(name)
