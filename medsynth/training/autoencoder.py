@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ class StageResult:
     run_dir: Path
     checkpoint: Path
     metrics: dict[str, float]
-    drawn: tuple[tuple[int, ...], ...] = ()
+    drawn: tuple[tuple[int, ...], ...] = field(default=(), kw_only=True)
 
 
 def metrics_of(ckpt: Checkpoint) -> dict[str, float]:

@@ -114,7 +114,7 @@ def train_diffusion(
 
     # --- final checkpoint and an unconditional sample grid ---
     if not ctx.dist.is_main:
-        return StageResult(ctx.run_dir, ctx.run_dir, metrics, tuple(drawn))
+        return StageResult(ctx.run_dir, ctx.run_dir, metrics, drawn=tuple(drawn))
     ckpt = ctx.save(
         oc.steps,
         networks,
@@ -142,4 +142,4 @@ def train_diffusion(
         ]
         grid = save_grid(ctx.run_dir / "samples" / "unconditional.png", rows, titles=["real", "sampled", "sampled"])
         ctx.tracker.log_artifact(grid, "samples/unet")
-    return StageResult(ctx.run_dir, ckpt.path, metrics, tuple(drawn))
+    return StageResult(ctx.run_dir, ckpt.path, metrics, drawn=tuple(drawn))
