@@ -71,6 +71,7 @@ class CellRecord(BaseModel):
         external_metrics: Metrics on the external test set, when one is configured.
         external_scores: Per external item scores.
         seconds: Wall time of the cell.
+        worker: Where it ran (process id and thread name: shows the task runner's fan-out).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -92,6 +93,7 @@ class CellRecord(BaseModel):
     external_metrics: dict[str, float | None] | None = None
     external_scores: list[float | None] | None = None
     seconds: float = 0.0
+    worker: dict[str, str | int] = {}
 
 
 def _clean(v: float | None) -> float | None:
@@ -384,4 +386,8 @@ def run_cell(
         out, conv = _presence(data, cfg, augment, cell.seed, target, test, val, external, device, tracker)
     else:
         out, conv = _segmentation(data, cfg, augment, cell.seed, labels, test, val, external, device, tracker)
-    return CellRecord(cell=cell.name, **cell.params(), **data.info(), **out, convergence=conv)
+    import os
+    import threading
+
+    worker: dict[str, str | int] = {"pid": os.getpid(), "thread": threading.current_thread().name}
+    return CellRecord(cell=cell.name, **cell.params(), **data.info(), **out, convergence=conv, worker=worker)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,16 @@ DISC = "discriminator"
 
 @dataclass(frozen=True)
 class StageResult:
-    """Outcome of a training stage: its final checkpoint and summary metrics."""
+    """Outcome of a training stage: its final checkpoint and summary metrics.
+
+    ``drawn`` holds, for each optimiser step this process ran (in order), the dataset indices of the
+    batch it drew (recorded by the diffusion loop; empty where a loop does not record it or nothing ran).
+    """
 
     run_dir: Path
     checkpoint: Path
     metrics: dict[str, float]
+    drawn: tuple[tuple[int, ...], ...] = field(default=(), kw_only=True)
 
 
 def metrics_of(ckpt: Checkpoint) -> dict[str, float]:

@@ -90,10 +90,12 @@ def train_diffusion(
     means, info = StepMeans(), ""
     # the split on the GPU once when it fits (pinned host memory otherwise); unchanged on CPU
     staged = replace(train, latents=stage_split(train.latents, dev, oc.device_data_mb))
+    drawn: list[tuple[int, ...]] = []  # this process's batch indices per step (a record for checks)
 
     for step in range(start, oc.steps):
         # --- batch and loss ---
         idx = batch_indices(len(train), step, oc.batch_size, oc.seed, ctx.dist.rank, ctx.dist.world_size)
+        drawn.append(tuple(int(i) for i in idx))
         x0 = batch_layout(staged.latents[idx].to(dev, non_blocking=True) * train.scale_factor, oc.channels_last)
         g = step_generator(oc.seed, step, ctx.dist.rank, dev)
         model.train()
@@ -129,7 +131,7 @@ def train_diffusion(
 
     # --- final checkpoint and an unconditional sample grid ---
     if not ctx.dist.is_main:
-        return StageResult(ctx.run_dir, ctx.run_dir, metrics)
+        return StageResult(ctx.run_dir, ctx.run_dir, metrics, drawn=tuple(drawn))
     ckpt = ctx.save(
         oc.steps,
         networks,
@@ -157,4 +159,4 @@ def train_diffusion(
         ]
         grid = save_grid(ctx.run_dir / "samples" / "unconditional.png", rows, titles=["real", "sampled", "sampled"])
         ctx.tracker.log_artifact(grid, "samples/unet")
-    return StageResult(ctx.run_dir, ckpt.path, metrics)
+    return StageResult(ctx.run_dir, ckpt.path, metrics, drawn=tuple(drawn))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,3 +102,22 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
 def pipeline_config() -> Any:
     """The factory :func:`tiny_pipeline_config` (fixtures are importable where modules are not)."""
     return tiny_pipeline_config
+
+
+@pytest.fixture(scope="session")
+def tiny_run(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny pipeline run twice (the second time everything is cached); shared by the integration tests.
+
+    Returns ``root`` (its output folder is ``root/out``), ``cfg`` (the YAML path), the two flow results
+    ``first`` and ``second``, and their wall times ``t_first`` and ``t_second``.
+    """
+    from flows.pipeline import pipeline_flow
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg_path = write_config(root / "tiny.yaml", tiny_pipeline_config(root))
+    t0 = time.monotonic()
+    first = pipeline_flow(str(cfg_path), [])
+    t1 = time.monotonic()
+    second = pipeline_flow(str(cfg_path), [])
+    t2 = time.monotonic()
+    return {"root": root, "cfg": cfg_path, "first": first, "second": second, "t_first": t1 - t0, "t_second": t2 - t1}

@@ -3,6 +3,7 @@ and the same pipeline reporting to a real ``mlflow server`` over HTTP."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -31,21 +32,6 @@ STAGES = {
     "report",
 }
 NETWORKS = {"autoencoder", "unet", "controlnet", "generator", "segmenter"}
-
-
-@pytest.fixture(scope="module")
-def tiny_run(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory, pipeline_config: Any) -> dict[str, Any]:
-    """Run the tiny pipeline twice (the second time everything is cached)."""
-    from flows.pipeline import pipeline_flow
-
-    root = tmp_path_factory.mktemp("pipeline")
-    cfg_path = _write(root / "tiny.yaml", pipeline_config(root))
-    t0 = time.monotonic()
-    first = pipeline_flow(str(cfg_path), [])
-    t1 = time.monotonic()
-    second = pipeline_flow(str(cfg_path), [])
-    t2 = time.monotonic()
-    return {"root": root, "cfg": cfg_path, "first": first, "second": second, "t_first": t1 - t0, "t_second": t2 - t1}
 
 
 def _write(path: Path, cfg: dict[str, Any]) -> Path:
@@ -281,3 +267,12 @@ def test_experiment_grid_fans_out_on_a_local_dask_cluster(tiny_run: dict[str, An
     metrics = out["result"]["metrics"]
     assert metrics["exp/n_trained"] > 0  # the seed-1 cells, on Dask
     assert metrics["exp/n_trained"] < metrics["exp/n_cells"]  # the seed-0 cells recorded by the pipeline run
+    # each cell records the process that trained it: the Dask cells ran in worker processes, the pipeline's
+    # cells (thread runner) in this one
+    lines = Path(out["result"]["outputs"]["cells"]).read_text(encoding="utf-8").splitlines()
+    recs = [json.loads(line)["record"] for line in lines if line]
+    pids: dict[int, set[int]] = {int(r["seed"]): set() for r in recs}
+    for r in recs:
+        pids[int(r["seed"])].add(r["worker"]["pid"])
+    assert pids[0] == {os.getpid()}
+    assert pids[1] and os.getpid() not in pids[1], pids

@@ -171,23 +171,90 @@ def test_dpmpp_scheduler_uses_the_training_schedule() -> None:
 
 
 # --------------------------------------------------------------------------------------- golden values
-# Computed once with torch 2.13 / monai 1.6.1 / diffusers 0.42.1 (T=1000 linear_beta, seed 1234).
-GOLDEN = {
-    ("ddpm", "epsilon", 20, 0.0): [0.7592756, -0.1943043, 2.5435903, -0.3122330, -0.1826843, -0.4737957],
-    ("ddim", "epsilon", 10, 0.0): [0.5272630, 0.7533894, -0.1440339, 0.6355478, 0.1093739, 0.8176259],
-    ("ddim", "v_prediction", 10, 0.5): [0.9732455, 0.2867400, -0.0690761, 1.0721817, 0.0053615, 0.9763376],
-    ("dpmpp", "epsilon", 10, 0.0): [0.5313820, 0.7916718, -0.2413359, 0.6560265, 0.0503573, 0.8656135],
-    ("dpmpp", "v_prediction", 10, 0.0): [0.5313820, 0.7916718, -0.2413360, 0.6560266, 0.0503575, 0.8656136],
-    ("rflow_euler", "rflow", 10, 0.0): [0.5323737, 0.7824004, -0.2098764, 0.6521037, 0.0703157, 0.8534266],
-}
+# Expected values derived independently of MONAI/diffusers: a float64 loop below writes out each
+# sampler's update from the training schedule's alphas (T=1000 linear_beta, seed 1234), drawing the
+# initial and ancestral noise from the same generator in the same order. The rectified-flow Euler
+# sampler is covered by the analytic convergence tests above instead.
+GOLDEN_CASES = [
+    ("ddpm", "epsilon", 20, 0.0),
+    ("ddim", "epsilon", 10, 0.0),
+    ("ddim", "v_prediction", 10, 0.5),
+    ("dpmpp", "epsilon", 10, 0.0),
+    ("dpmpp", "v_prediction", 10, 0.0),
+]
 
 
-@pytest.mark.parametrize(("sampler", "name", "steps", "eta"), list(GOLDEN))
+def _x0_eps(obj: DiffusionObjective, out: Tensor, x: Tensor, a2: Tensor) -> tuple[Tensor, Tensor]:
+    """(x0, eps) from a network output at cumulative alpha ``a2`` (epsilon or v parameterisation)."""
+    a, b = a2.sqrt(), (1 - a2).sqrt()
+    if obj.name == "epsilon":
+        return (x - b * out) / a, out
+    return a * x - b * out, b * x + a * out
+
+
+def reference_sample(obj: DiffusionObjective, sampler: str, steps: int, eta: float, shape: tuple[int, ...]) -> Tensor:
+    """The sampler written out in float64 from the schedule's betas (DDPM/DDIM on ``linspace(T-1, 0, steps)``,
+    DPM-Solver++ 2M on diffusers' ``linspace`` spacing with a first-order first and last step)."""
+    T = obj.num_train_timesteps
+    abar = torch.cumprod(1.0 - obj.betas.double(), dim=0)
+    net = gaussian_denoiser(obj)
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(shape, generator=g).double()
+
+    def model(x: Tensor, t: int) -> Tensor:
+        return net(x, torch.full((shape[0],), t, dtype=torch.long), None)
+
+    if sampler in ("ddpm", "ddim"):
+        ts = [round(v) for v in torch.linspace(T - 1, 0, steps, dtype=torch.float64).tolist()]
+        for k, t in enumerate(ts):
+            a_t = abar[t]
+            a_prev = abar[ts[k + 1]] if k + 1 < steps else torch.tensor(1.0, dtype=torch.float64)
+            x0, eps = _x0_eps(obj, model(x, t), x, a_t)
+            if sampler == "ddim":
+                var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+                std = eta * var.sqrt()
+                x = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
+                if eta > 0:
+                    x = x + std * torch.randn(shape, generator=g).double()
+            else:  # posterior mean + fixed-small variance of the respaced step
+                beta = 1 - a_t / a_prev
+                mean = (a_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - a_prev) * x) / (1 - a_t)
+                x = mean
+                if k + 1 < steps:
+                    var = torch.clamp((1 - a_prev) / (1 - a_t) * beta, min=1e-20)
+                    x = x + var.sqrt() * torch.randn(shape, generator=g).double()
+        return x
+
+    # DPM-Solver++ (2M, midpoint) in log-SNR lambda = log(alpha / sigma), data prediction
+    ts = [round(v) for v in torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).tolist()][::-1][:-1]
+    alpha = [abar[t].sqrt() for t in ts] + [torch.tensor(1.0, dtype=torch.float64)]
+    sigma = [(1 - abar[t]).sqrt() for t in ts] + [torch.tensor(0.0, dtype=torch.float64)]
+    lam = [torch.log(a / s) for a, s in zip(alpha[:-1], sigma[:-1], strict=True)]
+    prev_x0: Tensor | None = None
+    for k, t in enumerate(ts):
+        x0, _ = _x0_eps(obj, model(x, t), x, abar[t])
+        if k == steps - 1:  # final step to sigma = 0: the data prediction itself
+            x = x0
+            break
+        h = lam[k + 1] - lam[k]
+        d = x0
+        if prev_x0 is not None:
+            r = (lam[k] - lam[k - 1]) / h
+            d = x0 + 0.5 * (x0 - prev_x0) / r
+        x = sigma[k + 1] / sigma[k] * x - alpha[k + 1] * torch.expm1(-h) * d
+        prev_x0 = x0
+    return x
+
+
+@pytest.mark.parametrize(("sampler", "name", "steps", "eta"), GOLDEN_CASES)
 def test_golden_values(sampler: str, name: str, steps: int, eta: float) -> None:
     obj = build_objective(name, 1000, "linear_beta", 2, (2, 3))
     x = run(obj, sampler, steps, (1, 1, 2, 3), 1234, eta=eta)
-    expected = torch.tensor(GOLDEN[(sampler, name, steps, eta)]).reshape(1, 1, 2, 3)
-    torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
+    expected = reference_sample(obj, sampler, steps, eta, (1, 1, 2, 3))
+    assert x.abs().max() > 0.1  # not a degenerate all-zero sample
+    # float32 sampling vs the float64 reference: 20 ancestral DDPM steps accumulate ~4e-4 (a wrong mean or
+    # variance coefficient moves the result by > 1e-2)
+    torch.testing.assert_close(x.double(), expected, rtol=0, atol=1e-3 if sampler == "ddpm" else 1e-4)
 
 
 # ----------------------------------------------------------------------------------------- determinism

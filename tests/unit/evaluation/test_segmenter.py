@@ -230,6 +230,16 @@ def test_3d_segmenter_with_a_size_that_needs_padding(tmp_path: Path) -> None:
     assert torch.equal(pred, predict(load_segmenter(cfg, tmp_path / "seg3d"), x))
 
 
+class _StepCounter:
+    """A progress sink counting the optimiser steps a run actually performs."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def advance(self, n: int = 1, info: str = "") -> None:
+        self.steps += n
+
+
 def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path: Path) -> None:
     """Flips, dropout and EMA are drawn per step, so resuming at a checkpoint repeats the run bit for bit."""
     cache = write_disc_cache(tmp_path / "cache", {"train": 2}, per_patient=4, shape=(16, 16))
@@ -241,7 +251,10 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path: Path) -
 
     train_segmenter(cfg(6), cache, StageContext.create(tmp_path / "straight", device="cpu"))
     train_segmenter(cfg(4), cache, StageContext.create(tmp_path / "resumed", device="cpu"))
-    train_segmenter(cfg(6), cache, StageContext.create(tmp_path / "resumed", resume=True, device="cpu"))
+    counter = _StepCounter()
+    resumed_ctx = StageContext.create(tmp_path / "resumed", resume=True, progress=counter, device="cpu")
+    train_segmenter(cfg(6), cache, resumed_ctx)
+    assert counter.steps == 2  # it continued from the step-4 checkpoint rather than starting over
     a, b = find_checkpoint(tmp_path / "straight", "final"), find_checkpoint(tmp_path / "resumed", "final")
     assert a is not None and b is not None and a.step == b.step == 6
     for name in ("segmenter", "segmenter_ema", "state"):

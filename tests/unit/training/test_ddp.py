@@ -27,6 +27,7 @@ from medsynth.config.schema import MedsynthConfig
 from medsynth.generator import UNET
 from medsynth.training import context, diffusion
 from medsynth.training.common import batch_indices
+from medsynth.checkpoint import find_checkpoint
 from medsynth.training.context import StageContext
 
 from .conftest import tiny_cfg
@@ -87,7 +88,15 @@ def test_ddp_two_cpu_ranks_stay_in_sync(tmp_path: Path) -> None:
     assert res[0]["gathered"] == res[1]["gathered"] == [res[0]["final"], res[1]["final"]]
     assert res[0]["final"] == res[1]["final"]
     assert res[0]["initial"] == res[1]["initial"] != res[0]["final"]
-    assert res[0]["batches"] != res[1]["batches"]  # the ranks trained on different slices of the data
+    # the batches the training loop itself drew (its record in the result), per step: disjoint across
+    # ranks, and together one epoch of the 8 items every 2 steps (global batch 2 ranks x 2)
+    drawn = [r["drawn"] for r in res]
+    assert len(drawn[0]) == len(drawn[1]) == STEPS
+    for s in range(STEPS):
+        assert not set(drawn[0][s]) & set(drawn[1][s]), f"step {s}: both ranks drew {drawn[0][s]}, {drawn[1][s]}"
+    for s in range(0, STEPS, 2):
+        epoch = [i for r in range(WORLD) for i in drawn[r][s] + drawn[r][s + 1]]
+        assert sorted(epoch) == list(range(8)), epoch
     # rank 0 alone wrote checkpoints: the intermediate one and the final one
     assert res[0]["saves"] == [[CKPT_EVERY, False], [STEPS, True]]
     assert res[1]["saves"] == []
@@ -129,15 +138,11 @@ def _worker(rank: int, world: int, port: int, root: Path) -> None:  # pragma: no
     context.save_checkpoint = save_and_record  # type: ignore[assignment]  # StageContext.save writes through it
 
     ctx = StageContext.create(root / "run", device="cpu")
-    diffusion.train_diffusion(cfg, root / "latents", ctx)
+    result = diffusion.train_diffusion(cfg, root / "latents", ctx)
     ((unet, initial),) = built
     final = _digest(unet.state_dict())
     gathered: list[Any] = [None] * ctx.dist.world_size
     dist.all_gather_object(gathered, final)
-    oc = cfg.diffusion.train
-    batches = [
-        batch_indices(8, s, oc.batch_size, oc.seed, ctx.dist.rank, ctx.dist.world_size).tolist() for s in range(2)
-    ]
     out = {
         "rank": ctx.dist.rank,
         "world": ctx.dist.world_size,
@@ -146,7 +151,7 @@ def _worker(rank: int, world: int, port: int, root: Path) -> None:  # pragma: no
         "final": final,
         "gathered": gathered,
         "saves": saves,
-        "batches": batches,
+        "drawn": [list(b) for b in result.drawn],
     }
     (root / f"rank{ctx.dist.rank}.json").write_text(json.dumps(out))
     dist.barrier()

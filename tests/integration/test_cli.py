@@ -1,0 +1,223 @@
+"""Every ``medsynth`` command run once through the public command line, on the tiny pipeline's outputs.
+
+In-process commands go through Typer's ``CliRunner`` (exit code and printed output checked); the
+error paths go through the console entry point in a subprocess, where ``main()`` turns a
+``MedsynthError`` into one line and exit status 2. The trained tiny pipeline (``tiny_run``, session
+scoped) makes the training, synthesis, validation and experiment commands cheap: most find their stage
+up to date, which is itself what they promise (the CLI shares the flows' cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str | Path, code: int = 0) -> str:
+    """Run ``medsynth <args>`` in-process; check the exit code; return the printed output."""
+    from typer.testing import CliRunner
+
+    from medsynth.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, f"medsynth {' '.join(map(str, args))}: exit {res.exit_code}\n{res.output}"
+    if code == 0:
+        assert res.exception is None, res.exception
+    return res.output
+
+
+def cli_subprocess(*args: str | Path, code: int) -> str:
+    """Run the console entry point ``python -m medsynth.cli <args>``; check the exit code; return stderr."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run(
+        [sys.executable, "-m", "medsynth.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert res.returncode == code, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
+    assert "Traceback" not in res.stderr, res.stderr
+    if code == 2:  # a MedsynthError: one line naming the problem (the log lines above it are ordinary logging)
+        assert [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")], res.stderr
+    return res.stderr
+
+
+def _copy_outputs(tiny_run: dict[str, Any], dest: Path, everything: bool = False) -> Path:
+    """A copy of the tiny pipeline's cache and trained runs (``everything``: its whole output folder,
+    tracking store included) under ``dest``; returns the copy's config file."""
+    raw = yaml.safe_load(Path(tiny_run["cfg"]).read_text(encoding="utf-8"))
+    if everything:
+        shutil.copytree(raw["output_dir"], dest / "out")
+    else:
+        src = Path(raw["output_dir"]) / raw["name"]
+        for stage in ("preprocess", "autoencoder", "latents", "unet", "controlnet"):
+            shutil.copytree(src / stage, dest / "out" / raw["name"] / stage)
+    raw["output_dir"] = str(dest / "out")
+    path = dest / "copy.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_help_and_data_commands(tmp_path: Path) -> None:
+    assert "synthesize" in cli("--help") and "experiment" in cli("--help")
+    out = cli("data", "phantom", "--out", tmp_path / "ph", "--n", "3", "--size", "32", "--slices-per-patient", "1")
+    assert "phantom dataset written to" in out
+    assert len(list((tmp_path / "ph").rglob("*_mask.png"))) == 3
+    labels = "0:background,1:csf,2:grey_matter,3:white_matter,4:lesion"
+    out = cli("data", "check", tmp_path / "ph", "--labels", labels, "--out", tmp_path / "qc")
+    assert "3 cases, 0 bad" in out
+    assert json.loads((tmp_path / "qc" / "qc_report.json").read_text(encoding="utf-8"))
+    # a bare dataset path without its labels: a QC failure (unknown mask values), not a traceback
+    err = cli_subprocess("data", "check", tmp_path / "ph", "--out", tmp_path / "qc2", code=2)
+    assert "qc.policy" in err
+
+
+def test_config_commands(tiny_run: dict[str, Any], tmp_path: Path) -> None:
+    shown = yaml.safe_load(cli("config", "show", "-c", tiny_run["cfg"], "--set", "autoencoder.train.steps=7"))
+    assert shown["autoencoder"]["train"]["steps"] == 7 and shown["name"] == "tiny"
+    assert shown["synthesis"]["refuse_memorised"] is False  # defaults are resolved
+    ref = cli("config", "reference")
+    assert "refuse_memorised" in ref and "autoencoder" in ref
+    cli("config", "reference", "--out", tmp_path / "ref.md")
+    assert (tmp_path / "ref.md").read_text(encoding="utf-8").strip() == ref.strip()
+    err = cli_subprocess("config", "show", "-c", tiny_run["cfg"], "--set", "autoencoder.nonsense=1", code=2)
+    assert "nonsense" in err
+
+
+def test_preprocess_command(tiny_run: dict[str, Any], tmp_path: Path) -> None:
+    out = cli("preprocess", "-c", tiny_run["cfg"], "--cache-dir", tmp_path / "cache")
+    assert "10 cases (10 processed, 0 cached, 0 excluded)" in out, out
+    assert (tmp_path / "cache" / "manifest.json").is_file()
+    again = cli("preprocess", "-c", tiny_run["cfg"], "--cache-dir", tmp_path / "cache")
+    assert "(0 processed, 10 cached" in again
+
+
+def test_train_commands_share_the_pipeline_cache(tiny_run: dict[str, Any]) -> None:
+    for stage in ("autoencoder", "diffusion", "controlnet"):
+        out = cli("train", stage, "-c", tiny_run["cfg"], "--device", "cpu")
+        assert "cached=True" in out and "checkpoint=" in out, (stage, out)
+    assert "'cached': True" in cli("train", "latents", "-c", tiny_run["cfg"], "--device", "cpu")
+
+
+def test_train_command_trains_when_the_config_changes(tiny_run: dict[str, Any], tmp_path: Path) -> None:
+    cfg = _copy_outputs(tiny_run, tmp_path)
+    out = cli("train", "diffusion", "-c", cfg, "--set", "diffusion.train.steps=2", "--device", "cpu")
+    assert "cached=False" in out and "val_loss=" in out
+    from medsynth.training.checkpoint import find_checkpoint
+
+    final = find_checkpoint(tmp_path / "out" / "tiny" / "unet", "final")
+    assert final is not None and final.step == 2
+
+
+def test_synthesize_validate_experiment_commands(tiny_run: dict[str, Any], tmp_path: Path) -> None:
+    out = cli("synthesize", "-c", tiny_run["cfg"], "--out", tmp_path / "syn", "--edits", "none,flip", "--device", "cpu")
+    manifest = json.loads((tmp_path / "syn" / "manifest.json").read_text(encoding="utf-8"))
+    n = len(manifest["items"])
+    assert n > 0 and f"{n} images -> {tmp_path / 'syn'}" in out
+    assert any("_flip_" in r["id"] for r in manifest["items"]) and any("_none_" in r["id"] for r in manifest["items"])
+    err = cli_subprocess("synthesize", "-c", tiny_run["cfg"], "--out", tmp_path / "syn", code=2)
+    assert "--overwrite" in err or "exists" in err  # never overwritten without --overwrite
+    out = cli("validate", "-c", tiny_run["cfg"], "--device", "cpu")
+    assert "report: " in out and "validation_report.json" in out and "lesion" in out
+    out = cli("experiment", "-c", tiny_run["cfg"], "--device", "cpu")
+    assert "AUROC" in out or "auroc" in out
+
+
+def test_memorisation_gate_from_config_through_the_cli(tiny_run: dict[str, Any], tmp_path: Path) -> None:
+    """``synthesis.refuse_memorised`` set on the command line refuses a generated image planted in the training set."""
+    from medsynth.data.io import read_image
+
+    cfg = _copy_outputs(tiny_run, tmp_path)
+    common = ["-c", cfg, "--set", "synthesis.n_grid=0", "--device", "cpu"]
+    cli("synthesize", *common, "--out", tmp_path / "plain")
+    items = json.loads((tmp_path / "plain" / "manifest.json").read_text(encoding="utf-8"))["items"]
+    n = len(items)
+    assert n >= 2
+    copied = items[0]
+    image = read_image(tmp_path / "plain" / copied["image"]).array.astype(np.float32)
+
+    # plant that output into the (copied) training cache in place of one training image
+    cache = tmp_path / "out" / "tiny" / "preprocess"
+    manifest = json.loads((cache / "manifest.json").read_text(encoding="utf-8"))
+    victim = next(it for it in manifest["items"] if it["split"] == "train")
+    with np.load(cache / victim["file"]) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    i = int(victim["index"])
+    arrays["image"][i] = image.reshape(arrays["image"][i].shape)
+    np.savez_compressed(cache / victim["file"], **arrays)
+
+    out = cli("synthesize", *common, "--set", "synthesis.refuse_memorised=true", "--out", tmp_path / "guarded")
+    assert f"{n - 1} images -> {tmp_path / 'guarded'}" in out
+    refused = json.loads((tmp_path / "guarded" / "refused_memorised.json").read_text(encoding="utf-8"))
+    assert [(r["item_id"], r["nearest_train_id"]) for r in refused["refused"]] == [(copied["id"], victim["item_id"])]
+    assert refused["refused"][0]["distance"] < refused["threshold"]
+    kept = json.loads((tmp_path / "guarded" / "manifest.json").read_text(encoding="utf-8"))["items"]
+    assert copied["id"] not in {r["id"] for r in kept} and len(kept) == n - 1
+    # the gate off (the default): the same image is exported
+    cli("synthesize", *common, "--out", tmp_path / "open")
+    assert not (tmp_path / "open" / "refused_memorised.json").exists()
+
+
+def test_runs_and_report_commands(tiny_run: dict[str, Any], tmp_path: Path) -> None:
+    out = cli("runs", tiny_run["cfg"])
+    parent = tiny_run["second"]["mlflow_parent_run"]
+    assert "pipeline " in out and parent in out and "FINISHED" in out
+    for stage in ("autoencoder", "controlnet", "validate", "experiment"):
+        assert f"  {stage} " in out, stage
+    assert "experiment grid:" in out and "model models:/medsynth-tiny-" in out
+    err = cli_subprocess("report", "--out", tmp_path / "wp", code=2)
+    assert "nothing to report" in err and "hint: pass --config" in err
+
+
+def test_run_command(tiny_run: dict[str, Any], tmp_path: Path) -> None:
+    # the whole pipeline through `medsynth run`, on a copy (its store gets a new latest pipeline run):
+    # every stage up to date, nothing retrained
+    cfg = _copy_outputs(tiny_run, tmp_path, everything=True)
+    out = cli("run", cfg)
+    assert "pipeline finished: " in out and "'cached': True" in out and "'cached': False" not in out
+    err = cli_subprocess("run", tmp_path / "missing.yaml", code=2)
+    assert "missing.yaml: config file does not exist" in err
+
+
+def test_ui_command_refuses_a_server_store_without_starting_anything(tmp_path: Path, pipeline_config: Any) -> None:
+    raw = pipeline_config(tmp_path, tracking={"uri": "http://127.0.0.1:9"})
+    cfg = tmp_path / "remote.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    err = cli_subprocess("ui", cfg, "--port", "9", code=2)
+    assert "tracking points at a server already" in err
+    assert "Port on 127.0.0.1" in cli("ui", "--help")
+
+
+COMMANDS = {
+    "data": {"check", "phantom"},
+    "train": {"autoencoder", "latents", "diffusion", "controlnet"},
+    "config": {"show", "reference"},
+    **{name: set() for name in ("preprocess", "synthesize", "validate", "experiment", "ui", "runs", "report", "run")},
+}
+"""Every command of the CLI, each run by a test above (a new command fails here until it is listed and tested)."""
+
+
+def test_every_command_is_known_and_has_help() -> None:
+    from typer.main import get_command
+
+    from medsynth.cli import app
+
+    root = get_command(app)
+    assert set(root.commands) == set(COMMANDS)  # type: ignore[attr-defined]
+    for group, subs in COMMANDS.items():
+        assert set(getattr(root.commands[group], "commands", {})) == subs, group  # type: ignore[attr-defined]
+        for name in subs or [None]:
+            args = [group, name] if name else [group]
+            assert "Usage: " in cli(*args, "--help")
