@@ -79,9 +79,12 @@ def test_help_and_data_commands(tmp_path: Path) -> None:
     out = cli("data", "check", tmp_path / "ph", "--labels", labels, "--out", tmp_path / "qc")
     assert "3 cases, 0 bad" in out
     assert json.loads((tmp_path / "qc" / "qc_report.json").read_text(encoding="utf-8"))
-    # a bare dataset path without its labels: a QC failure (unknown mask values), not a traceback
-    err = cli_subprocess("data", "check", tmp_path / "ph", "--out", tmp_path / "qc2", code=2)
-    assert "qc.policy" in err
+    # a bare dataset path without labels: the vocabulary is inferred from the masks
+    out = cli("data", "check", tmp_path / "ph", "--out", tmp_path / "qc1")
+    assert "3 cases, 0 bad" in out
+    # declared labels that miss values of the masks: a QC failure naming the values, not a traceback
+    err = cli_subprocess("data", "check", tmp_path / "ph", "--labels", "0:bg,1:csf", "--out", tmp_path / "qc2", code=2)
+    assert "label" in err
 
 
 def test_config_commands(tiny_run: dict[str, Any], tmp_path: Path) -> None:
@@ -96,26 +99,39 @@ def test_config_commands(tiny_run: dict[str, Any], tmp_path: Path) -> None:
     assert "nonsense" in err
 
 
-def test_preprocess_command(tiny_run: dict[str, Any], tmp_path: Path) -> None:
-    out = cli("preprocess", "-c", tiny_run["cfg"], "--cache-dir", tmp_path / "cache")
+def test_check_preprocess_and_status_commands(tiny_run: dict[str, Any], tmp_path: Path) -> None:
+    fresh = ["-c", tiny_run["cfg"], "--set", f"output_dir={tmp_path / 'fresh'}"]
+    out = cli("check", *fresh)
+    assert "check: done" in out and "qc/n_bad = 0" in out, out
+    out = cli("preprocess", *fresh)
     assert "10 cases (10 processed, 0 cached, 0 excluded)" in out, out
-    assert (tmp_path / "cache" / "manifest.json").is_file()
-    again = cli("preprocess", "-c", tiny_run["cfg"], "--cache-dir", tmp_path / "cache")
-    assert "(0 processed, 10 cached" in again
+    assert (tmp_path / "fresh" / "tiny" / "preprocess" / "manifest.json").is_file()
+    again = cli("preprocess", *fresh)
+    assert "preprocess: up to date (cached)" in again
+    # status on the trained pipeline: everything up to date; a changed ControlNet section re-runs exactly
+    # the ControlNet and what depends on it
+    status = cli("status", "-c", tiny_run["cfg"])
+    assert "would run" not in status and "controlnet" in status and "up to date" in status
+    changed = cli("status", "-c", tiny_run["cfg"], "--set", "controlnet.train.lr=0.002")
+    would = {line.split()[0] for line in changed.splitlines() if "would run" in line}
+    assert would == {"controlnet", "generator", "synthesize", "validate", "experiment", "report"}, changed
 
 
 def test_train_commands_share_the_pipeline_cache(tiny_run: dict[str, Any]) -> None:
-    for stage in ("autoencoder", "diffusion", "controlnet"):
-        out = cli("train", stage, "-c", tiny_run["cfg"], "--device", "cpu")
-        assert "cached=True" in out and "checkpoint=" in out, (stage, out)
-    assert "'cached': True" in cli("train", "latents", "-c", tiny_run["cfg"], "--device", "cpu")
+    for command, stage in (("autoencoder", "autoencoder"), ("diffusion", "unet"), ("controlnet", "controlnet")):
+        out = cli("train", command, "-c", tiny_run["cfg"], "--device", "cpu")
+        assert f"{stage}: up to date (cached)" in out and "checkpoint: " in out, (stage, out)
+    for command in ("latents", "generator", "segmenter", "features"):
+        out = cli("train", command, "-c", tiny_run["cfg"], "--device", "cpu")
+        assert f"{command}: up to date (cached)" in out, out
 
 
 def test_train_command_trains_when_the_config_changes(tiny_run: dict[str, Any], tmp_path: Path) -> None:
     cfg = _copy_outputs(tiny_run, tmp_path)
     out = cli("train", "diffusion", "-c", cfg, "--set", "diffusion.train.steps=2", "--device", "cpu")
-    assert "cached=False" in out and "val_loss=" in out
-    from medsynth.training.checkpoint import find_checkpoint
+    assert "unet: done" in out and "unet/val_loss = " in out, out
+    assert "autoencoder: up to date" in out and "latents: up to date" in out  # upstream untouched
+    from medsynth.checkpoint import find_checkpoint
 
     final = find_checkpoint(tmp_path / "out" / "tiny" / "unet", "final")
     assert final is not None and final.step == 2
@@ -125,12 +141,12 @@ def test_synthesize_validate_experiment_commands(tiny_run: dict[str, Any], tmp_p
     out = cli("synthesize", "-c", tiny_run["cfg"], "--out", tmp_path / "syn", "--edits", "none,flip", "--device", "cpu")
     manifest = json.loads((tmp_path / "syn" / "manifest.json").read_text(encoding="utf-8"))
     n = len(manifest["items"])
-    assert n > 0 and f"{n} images -> {tmp_path / 'syn'}" in out
+    assert n > 0 and f"synthesis/n_images = {n}" in out and f"out_dir: {tmp_path / 'syn'}" in out
     assert any("_flip_" in r["id"] for r in manifest["items"]) and any("_none_" in r["id"] for r in manifest["items"])
     err = cli_subprocess("synthesize", "-c", tiny_run["cfg"], "--out", tmp_path / "syn", code=2)
     assert "--overwrite" in err or "exists" in err  # never overwritten without --overwrite
     out = cli("validate", "-c", tiny_run["cfg"], "--device", "cpu")
-    assert "report: " in out and "validation_report.json" in out and "lesion" in out
+    assert "validate: up to date" in out and "validation_report.json" in out and "val/lesion_ratio" in out
     out = cli("experiment", "-c", tiny_run["cfg"], "--device", "cpu")
     assert "AUROC" in out or "auroc" in out
 
@@ -159,7 +175,7 @@ def test_memorisation_gate_from_config_through_the_cli(tiny_run: dict[str, Any],
     np.savez_compressed(cache / victim["file"], **arrays)
 
     out = cli("synthesize", *common, "--set", "synthesis.refuse_memorised=true", "--out", tmp_path / "guarded")
-    assert f"{n - 1} images -> {tmp_path / 'guarded'}" in out
+    assert f"synthesis/n_images = {n - 1}" in out
     refused = json.loads((tmp_path / "guarded" / "refused_memorised.json").read_text(encoding="utf-8"))
     assert [(r["item_id"], r["nearest_train_id"]) for r in refused["refused"]] == [(copied["id"], victim["item_id"])]
     assert refused["refused"][0]["distance"] < refused["threshold"]
@@ -168,6 +184,22 @@ def test_memorisation_gate_from_config_through_the_cli(tiny_run: dict[str, Any],
     # the gate off (the default): the same image is exported
     cli("synthesize", *common, "--out", tmp_path / "open")
     assert not (tmp_path / "open" / "refused_memorised.json").exists()
+
+
+def test_calibrate_command_chooses_the_guidance_used_by_synthesis(tiny_run: dict[str, Any], tmp_path: Path) -> None:
+    """`sampling.guidance_scale: auto`: the calibrate stage sweeps the validation split and synthesis uses its choice."""
+    cfg = _copy_outputs(tiny_run, tmp_path, everything=True)
+    auto = ["-c", cfg, "--device", "cpu", "--set", "sampling.guidance_scale=auto"]
+    auto += ["--set", "sampling.calibration.scales=[1.0,3.0]", "--set", "sampling.calibration.n_with=2"]
+    auto += ["--set", "sampling.calibration.n_free=1", "--set", "sampling.calibration.min_voxels=1"]
+    out = cli("calibrate", *auto)
+    assert "calibrate: done" in out and "calibration/guidance_scale = " in out, out
+    chosen = json.loads((tmp_path / "out" / "tiny" / "calibration" / "calibration.json").read_text(encoding="utf-8"))
+    assert chosen["scale"] in (1.0, 3.0) and chosen["reason"]
+    out = cli("synthesize", *auto, "--out", tmp_path / "syn")
+    manifest = json.loads((tmp_path / "syn" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["provenance"]["guidance_scale"] == chosen["scale"]
+    assert "calibrate: up to date" in out  # not swept again
 
 
 def test_runs_and_report_commands(tiny_run: dict[str, Any], tmp_path: Path) -> None:
@@ -202,9 +234,28 @@ def test_ui_command_refuses_a_server_store_without_starting_anything(tmp_path: P
 
 COMMANDS = {
     "data": {"check", "phantom"},
-    "train": {"autoencoder", "latents", "diffusion", "controlnet"},
+    "train": {"autoencoder", "latents", "diffusion", "controlnet", "generator", "segmenter", "features"},
     "config": {"show", "reference"},
-    **{name: set() for name in ("preprocess", "synthesize", "validate", "experiment", "ui", "runs", "report", "run")},
+    **{
+        name: set()
+        for name in (
+            "check",
+            "preprocess",
+            "calibrate",
+            "synthesize",
+            "validate",
+            "experiment",
+            "export",  # tests/unit/synthesis/test_export.py
+            "status",
+            "plan",  # tests/unit/data/test_plan.py
+            "promote",  # tests/integration/test_model_registry.py
+            "server",  # tests/integration/test_team_server.py
+            "ui",  # here and tests/integration/test_ui.py
+            "runs",
+            "report",
+            "run",
+        )
+    },
 }
 """Every command of the CLI, each run by a test above (a new command fails here until it is listed and tested)."""
 

@@ -26,8 +26,6 @@ from medsynth.config.loader import config_dict, validate_config
 from medsynth.config.schema import MedsynthConfig
 from medsynth.generator import UNET
 from medsynth.training import context, diffusion
-from medsynth.training.common import batch_indices
-from medsynth.checkpoint import find_checkpoint
 from medsynth.training.context import StageContext
 
 from .conftest import tiny_cfg
