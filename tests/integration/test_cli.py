@@ -187,7 +187,7 @@ def test_memorisation_gate_from_config_through_the_cli(tiny_run: dict[str, Any],
 
 
 def test_calibrate_command_chooses_the_guidance_used_by_synthesis(tiny_run: dict[str, Any], tmp_path: Path) -> None:
-    """`sampling.guidance_scale: auto`: the calibrate stage sweeps the validation split and synthesis uses its choice."""
+    """`sampling.guidance_scale: auto`: the calibrate stage sweeps the validation split; synthesis uses its choice."""
     cfg = _copy_outputs(tiny_run, tmp_path, everything=True)
     auto = ["-c", cfg, "--device", "cpu", "--set", "sampling.guidance_scale=auto"]
     auto += ["--set", "sampling.calibration.scales=[1.0,3.0]", "--set", "sampling.calibration.n_with=2"]
