@@ -225,7 +225,7 @@ def sweep_guidance(
     """Generate an image per mask of ``data`` at each guidance scale and measure it (see the module doc).
 
     Args:
-        gen: The trained generator (:class:`~medsynth.synthesis.generator.MaskGenerator`).
+        gen: The trained generator (:class:`~medsynth.generator.MaskGenerator`).
         seg: The reference segmenter.
         data: Masks (with and without the structure) and their real images.
         cfg: Config (sampler, steps, batch size).

@@ -46,7 +46,7 @@ POOL_FILE = "pool.npz"
 
 
 class PoolGenerator(Protocol):
-    """What :func:`make_pool` needs of a generator (a :class:`~medsynth.synthesis.generator.MaskGenerator`)."""
+    """What :func:`make_pool` needs of a generator (a :class:`~medsynth.generator.MaskGenerator`)."""
 
     hashes: dict[str, str]
 

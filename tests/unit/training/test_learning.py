@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from medsynth.synthesis.generator import MaskGenerator, load_generator, load_unet
+from medsynth.generator import MaskGenerator, load_generator, load_unet
 
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import load_split
