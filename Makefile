@@ -10,7 +10,7 @@ export PYTHONUTF8 ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup demo test test-all lint format docs bench bench-gpu whitepaper clean
+.PHONY: setup setup-nnunet demo test test-all lint format docs bench bench-gpu whitepaper clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create the venv and install medsynth (torch first)
+
+# nnU-Net v2 checks `medsynth export --format nnunetv2` with its own dataset integrity check
+# (tests/unit/synthesis/test_export.py). --no-deps: nnunetv2's own pins would replace the CPU torch with a CUDA
+# build; the integrity check needs only these packages.
+setup-nnunet: setup  ## nnU-Net v2 (integrity check of exports) without replacing torch
+	$(PY) -m pip install -q --no-deps "nnunetv2>=2.5,<3" "batchgenerators>=0.25" "acvl-utils>=0.2"
+	$(PY) -m pip install -q "blosc2>=2.0"
 
 demo: setup  ## the main job on the built-in phantom (the README's first command)
 	$(VENV)/bin/medsynth run
