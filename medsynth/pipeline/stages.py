@@ -224,7 +224,13 @@ def _train(run: StageRun, prefix: str, steps: int, train: Any) -> TrainResult:
     ctx = StageContext.create(run.out, run.resume, run.tracker, run.progress, run.device, run.key)
     res = train(ctx)
     metrics = {k if "/" in k else f"{prefix}/{k}": float(v) for k, v in res.metrics.items()}
-    return TrainResult(metrics=metrics, model=str(res.checkpoint), checkpoint=str(res.checkpoint), step=steps)
+    return TrainResult(
+        metrics=metrics,
+        model=str(res.checkpoint),
+        checkpoint=str(res.checkpoint),
+        outputs={"checkpoint": str(res.checkpoint)},
+        step=steps,
+    )
 
 
 def run_autoencoder(run: StageRun) -> StageResult:

@@ -115,7 +115,10 @@ def _signature(kind: str, cfg: Any) -> ModelSignature:
                     ParamSpec("seed", "long", 0),
                     ParamSpec("sampler", "string", str(s.sampler)),
                     ParamSpec("steps", "long", int(s.steps)),
-                    ParamSpec("guidance_scale", "double", float(s.guidance_scale)),
+                    # an uncalibrated 'auto' (a bundle made without the calibration stage): no guidance by default
+                    ParamSpec(
+                        "guidance_scale", "double", 1.0 if s.guidance_scale == "auto" else float(s.guidance_scale)
+                    ),
                 ]
             ),
         )
@@ -166,6 +169,10 @@ def save_pyfunc(kind: str, cfg: Any, folder: str | Path, dst: str | Path) -> Pat
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(folder) if kind == GENERATOR else segmenter_bundle(config_dict(cfg), folder, Path(tmp) / BUNDLE)
+        if kind == GENERATOR and (bundle / "config.json").is_file():
+            from medsynth.synthesis.bundle import bundle_config
+
+            cfg = bundle_config(bundle)  # the bundle's own config: its sampling defaults (e.g. calibrated guidance)
         mlflow.pyfunc.save_model(
             path=str(dst),
             python_model=str(Path(__file__).with_name(CODE[kind])),

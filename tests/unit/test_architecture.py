@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "checkpoint": 0,
     "device": 0,
     "na": 0,
+    "provenance": 0,
     # data, networks, diffusion maths, the tracker interface
     "data": 1,
     "models": 1,
@@ -62,6 +63,9 @@ LAYERS: dict[str, int] = {
     "evaluation": 4,
     "planning": 4,
     "report": 5,
+    # the MLflow model flavour wraps the trained generator and segmenter: above synthesis and evaluation,
+    # inside the one package that imports mlflow
+    "tracking.pyfunc": 5,
     "pipeline": 6,
     "cli_stages": 7,
     "cli": 7,
@@ -91,6 +95,8 @@ def _medsynth_imports(path: Path) -> set[str]:
 
 def _unit(path: Path) -> str:
     rel = path.relative_to(LIB)
+    if rel.parts[0] == "tracking" and rel.stem.startswith("pyfunc"):
+        return "tracking.pyfunc"
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from medsynth.generator import MaskGenerator, load_generator, load_unet
 
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.dataset import load_split
+from medsynth.generator import MaskGenerator, load_generator, load_unet
 from medsynth.models.controlnet import one_hot_mask
 from medsynth.training.autoencoder import train_autoencoder
 from medsynth.training.context import StageContext
