@@ -94,6 +94,9 @@ def test_bumping_a_code_version_invalidates_downstream(toys: None, tmp_path: Pat
     _run_all(cfg)
     register_stage(replace(get_stage("toy_a"), version=2))
     assert [s for s in stale_stages(cfg) if s in TOYS] == ["toy_a", "toy_b"]
+    CALLS.clear()
+    assert _run_all(cfg) == {"toy_a": False, "toy_b": False, "toy_c": True}  # b's key holds a's fingerprint
+    assert CALLS == ["toy_a", "toy_b"]
 
 
 def test_upstream_never_run_is_a_one_line_error(toys: None, tmp_path: Path) -> None:
