@@ -172,7 +172,7 @@ def test_team_server_with_postgres_and_logins(server: dict[str, Any], pipeline_c
     arts = {a.path for a in client.list_artifacts(gen_run.info.run_id, "models/generator")}
     assert "models/generator/MLmodel" in arts
     assert list((server["root"] / "artifacts").rglob("MLmodel"))  # stored on the server's disk
-    mlflow.set_tracking_uri(url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # not mlflow.set_tracking_uri: it would outlive this test
     model = mlflow.pyfunc.load_model(uri)  # downloaded through the server, with credentials
     masks = np.zeros((1, 1, 32, 32), np.int64)
     assert model.predict(masks, params={"seed": 1}).shape == (1, 1, 32, 32)
