@@ -355,7 +355,7 @@ def plan_config(
         raw["synthesis"] = {"lesion_label": lesion}
     if dims == 3:
         raw["experiment"] = {
-            "task": "segmentation",
+            "tasks": ["segmentation"],
             "fractions": [0.25, 1.0],
             "ratios": [0, 1],
             "seeds": [0],

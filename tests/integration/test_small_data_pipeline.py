@@ -56,7 +56,7 @@ def _config(root: Path, out: Path) -> dict[str, Any]:
         },
         "synthesis": {"max_masks": 2},
         "experiment": {
-            "task": "segmentation",
+            "tasks": ["segmentation"],
             "fractions": [1.0],
             "ratios": [0, 1],
             "seeds": [0],

@@ -68,7 +68,7 @@ def test_plan_3d_cpu_config_validates_and_fits_the_grid(synth, tmp_path: Path) -
     assert all(s % 8 == 0 for s in pre.spatial_size)  # autoencoder (x4) x UNet (x2) downsampling
     assert pre.spatial_size[0] >= 12 and pre.spatial_size[2] >= 8
     assert cfg.data.labels == {0: "background", 1: "label_1", 2: "label_2"}  # type: ignore[attr-defined]
-    assert cfg.experiment.task == "segmentation"  # type: ignore[attr-defined]
+    assert cfg.experiment.tasks == ["segmentation"]
     assert "# grid" in plan.yaml_text and "# WARNING" in plan.yaml_text
     assert any("test split of 2" in w or "only 2 patients" in w for w in plan.warnings)
 
