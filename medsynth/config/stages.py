@@ -125,6 +125,16 @@ class SamplingConfig(StrictModel):
             )
         return float(self.guidance_scale)
 
+    def preview(self) -> SamplingConfig:
+        """Settings for pictures made before any calibration (training sample grids).
+
+        A pinned scale is kept; ``auto`` becomes the middle scale of the calibration sweep.
+        """
+        if not isinstance(self.guidance_scale, str):
+            return self
+        scales = sorted(self.calibration.scales)
+        return self.with_scale(scales[len(scales) // 2])
+
     def with_scale(self, scale: float) -> SamplingConfig:
         """A copy with the guidance scale pinned to ``scale`` (e.g. the calibrated one)."""
         return self.model_copy(update={"guidance_scale": float(scale)})

@@ -221,7 +221,7 @@ def train_controlnet(
     if ae_run is not None:
         gen = load_generator(cfg, ae_run, unet_run, ctx.run_dir, dev, train.num_classes)
         n = min(6, len(val))
-        synth = gen.generate(val.masks[:n], cfg.sampling, seed=0)
+        synth = gen.generate(val.masks[:n], cfg.sampling.preview(), seed=0)  # before any guidance calibration
         grid = control_grid(ctx.run_dir / "samples" / "controlnet.png", val.images[:n], val.masks[:n], synth)
         ctx.tracker.log_artifact(grid, "samples/controlnet")
     return StageResult(ctx.run_dir, ckpt.path, metrics)

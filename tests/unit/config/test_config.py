@@ -188,3 +188,15 @@ def test_cross_field_validation(synth) -> None:
     assert synth.config({"data": {"root": "x", "label_remap": {255: 9}}}).data.labels == {}
     with pytest.raises(ConfigError, match="lower percentile"):
         synth.config({"data": {"root": "x"}, "preprocess": {"intensity": {"lower": 90, "upper": 10}}})
+
+
+def test_auto_guidance_previews_the_middle_of_the_sweep_and_refuses_a_number_until_calibrated() -> None:
+    from medsynth.config.stages import SamplingConfig
+    from medsynth.errors import ConfigError
+
+    auto = SamplingConfig.model_validate({"guidance_scale": "auto", "calibration": {"scales": [3.0, 1.0, 2.0]}})
+    assert auto.preview().scale == 2.0  # training sample grids before the calibration ran
+    with pytest.raises(ConfigError, match="auto"):
+        _ = auto.scale
+    pinned = SamplingConfig.model_validate({"guidance_scale": 1.5})
+    assert pinned.preview() is pinned and auto.with_scale(1.0).scale == 1.0
