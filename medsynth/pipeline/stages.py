@@ -684,7 +684,7 @@ def run_experiment(run: StageRun) -> StageResult:
     res = run_grid(cfg, train, val, test, pool, run.out, run.child_runs, grid_progress, dev, cell_map, external)
     headline: dict[str, float] = {}
     for row in res.summary:
-        if row.arm != "real" and row.delta_vs_real is not None and row.ratio > 0:
+        if row.delta_vs_real is not None and not (row.arm == "real" and row.ratio == 0):  # vs real only
             pct = round(row.fraction * 100)
             headline[f"exp/delta_{row.task}_{row.metric}_{row.arm}_r{row.ratio}_f{pct}"] = float(row.delta_vs_real)
     growth = {f"exp/real_only_grows_{t}": float(g.grows) for t, g in res.growth.items() if g.grows is not None}
