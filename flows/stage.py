@@ -18,6 +18,7 @@ from flows.common import config_from_json, publish_summary, task_runner
 from medsynth.config.loader import load_config
 from medsynth.errors import MedsynthError
 from medsynth.pipeline import get_stage, run_stage, upstream_closure
+from medsynth.pipeline.declare import sequential
 
 
 def transient(task_: Any, run: Any, state: Any) -> bool:
@@ -50,10 +51,8 @@ def _run(name: str, cfg_json: dict[str, Any], parent_run_id: str | None, options
     cfg = config_from_json(cfg_json)
     stage = get_stage(name)
     opts = stage.options.model_validate(options) if stage.options is not None and options is not None else None
-    fan_out = prefect_fan_out if stage.fan_out else None
-    outcome = run_stage(
-        cfg, name, options=opts, parent_run_id=parent_run_id, **({"fan_out": fan_out} if fan_out else {})
-    )
+    fan_out = prefect_fan_out if stage.fan_out else sequential
+    outcome = run_stage(cfg, name, options=opts, parent_run_id=parent_run_id, fan_out=fan_out)
     summary = outcome.summary()
     publish_summary(cfg, name, summary)
     return summary

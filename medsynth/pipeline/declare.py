@@ -7,7 +7,7 @@ paths, tracking, CLI command and Prefect task all come from the declaration.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,8 +185,3 @@ class Stage:
     def is_managed(self, options: BaseModel | None) -> bool:
         """True when this run writes the pipeline's own outputs (cached and stamped)."""
         return self.managed(options)
-
-
-def iter_sections(reads: Iterable[str]) -> list[str]:
-    """The sections as a sorted list (stable keys and params)."""
-    return sorted(set(reads))

@@ -54,16 +54,5 @@ def upstream_closure(name: str) -> list[Stage]:
     return [s for s in stage_order() if s.name in need]
 
 
-def downstream_closure(name: str) -> list[Stage]:
-    """A stage and every stage that depends on it, in pipeline order."""
-    out: list[Stage] = []
-    hit = {get_stage(name).name}
-    for s in stage_order():
-        if s.name in hit or hit & set(s.after):
-            hit.add(s.name)
-            out.append(s)
-    return out
-
-
 def _load_builtin() -> None:
     import medsynth.pipeline.stages  # noqa: F401  (declares the built-in stages on first import)

@@ -9,18 +9,18 @@ by hand: re-running the command regenerates the document.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from medsynth.errors import DataError
-from medsynth.evaluation.stats import format_estimate, format_value
+from medsynth.evaluation.stats import format_estimate
 from medsynth.fileio import write_text_atomic
 from medsynth.report import prose
+from medsynth.report.benchmarks import guidance_section, sampler_section
 from medsynth.report.collect import ExperimentResults, collect
+from medsynth.report.tables import duration, md_table, num, run_ref
 
 log = logging.getLogger(__name__)
 
@@ -35,29 +35,6 @@ TRAIN_STAGES = {
     "features": ("validation.features", ["features/val_mse", "features/train_loss"]),
 }
 """Trained stage -> (config section of its optimiser, metrics shown in the training table)."""
-
-
-def _f(v: Any, digits: int = 3) -> str:
-    if isinstance(v, float) and v.is_integer() and abs(v) >= 1 and digits > 0 and abs(v) < 1e15:
-        return str(int(v))  # counts logged as float metrics
-    return format_value(v, digits, missing="–")
-
-
-def _dur(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    m, s = divmod(round(seconds), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-def _rid(run_id: str) -> str:
-    return f"`{run_id[:8]}`"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return out
 
 
 def _env(res: ExperimentResults) -> str:
@@ -87,15 +64,15 @@ def data_section(results: Sequence[ExperimentResults]) -> list[str]:
                 f"**{r.name}**",
                 "phantom (procedural)" if r.cfg("phantom.enabled") else str(Path(str(r.cfg("data.root", ""))).name),
                 f"{r.cfg('preprocess.spatial_dims')}D {size}"
-                + (f" @ {'x'.join(_f(float(s), 2) for s in spacing)} mm" if spacing else ""),
-                _f(pre.metrics.get("n_cases"), 0) if pre else "–",
-                _f(pre.metrics.get("n_items"), 0) if pre else "–",
-                _f(pre.metrics.get("n_excluded"), 0) if pre else "–",
+                + (f" @ {'x'.join(num(float(s), 2) for s in spacing)} mm" if spacing else ""),
+                num(pre.metrics.get("n_cases"), 0) if pre else "–",
+                num(pre.metrics.get("n_items"), 0) if pre else "–",
+                num(pre.metrics.get("n_excluded"), 0) if pre else "–",
                 ", ".join(f"{k} {v}" for k, v in labels.items()),
-                _rid(pre.run_id) if pre else "–",
+                run_ref(pre.run_id) if pre else "–",
             ]
         )
-    return _table(["config", "data", "model input", "cases", "items", "excluded (QC)", "labels", "run"], rows)
+    return md_table(["config", "data", "model input", "cases", "items", "excluded (QC)", "labels", "run"], rows)
 
 
 def training_section(res: ExperimentResults) -> list[str]:
@@ -105,28 +82,28 @@ def training_section(res: ExperimentResults) -> list[str]:
         run = res.stage(stage)
         if run is None:
             continue
-        metrics = ", ".join(f"{k.split('/')[-1]} {_f(run.metrics[k], 4)}" for k in keys if k in run.metrics)
+        metrics = ", ".join(f"{k.split('/')[-1]} {num(run.metrics[k], 4)}" for k in keys if k in run.metrics)
         cached = run.tags.get("medsynth.cached") == "true"
         rows.append(
             [
                 stage,
-                _f(res.cfg(f"{section}.train.steps")),
-                _f(res.cfg(f"{section}.train.batch_size")),
-                _dur(run.wall_s) + (" (cached)" if cached else ""),
+                num(res.cfg(f"{section}.train.steps")),
+                num(res.cfg(f"{section}.train.batch_size")),
+                duration(run.wall_s) + (" (cached)" if cached else ""),
                 metrics or "–",
-                _rid(run.run_id),
+                run_ref(run.run_id),
             ]
         )
     for stage in ("latents", "synthesize", "validate", "experiment"):
         run = res.stage(stage)
         if run is not None:
-            rows.append([stage, "–", "–", _dur(run.wall_s), "–", _rid(run.run_id)])
+            rows.append([stage, "–", "–", duration(run.wall_s), "–", run_ref(run.run_id)])
     return [
         f"Hardware: {_env(res)}. Objective `{res.cfg('diffusion.objective')}`, sampler "
         f"`{res.cfg('sampling.sampler')}` x{res.cfg('sampling.steps')} steps, guidance "
         f"{res.cfg('sampling.guidance_scale')}.",
         "",
-        *_table(["stage", "steps", "batch", "wall time", "final metrics", "run"], rows),
+        *md_table(["stage", "steps", "batch", "wall time", "final metrics", "run"], rows),
     ]
 
 
@@ -138,9 +115,9 @@ def plausibility_section(res: ExperimentResults) -> list[str]:
         return ["_Validation did not run for this config._"]
     ae = val.get("autoencoder", {})
     out = [
-        f"{val['n_items']} test items from {val['n_patients']} test patients (run {_rid(run.run_id)}). "
-        f"Autoencoder reconstruction on the test split: PSNR {_f(ae.get('psnr_db'), 2)} dB, SSIM "
-        f"{_f(ae.get('ssim'))}."
+        f"{val['n_items']} test items from {val['n_patients']} test patients (run {run_ref(run.run_id)}). "
+        f"Autoencoder reconstruction on the test split: PSNR {num(ae.get('psnr_db'), 2)} dB, SSIM "
+        f"{num(ae.get('ssim'))}."
         + "".join(
             f" Its reconstructions keep {format_estimate(c['ratio'])} of the real {name} contrast."
             for name, c in (ae.get("contrast") or {}).items()
@@ -155,11 +132,11 @@ def plausibility_section(res: ExperimentResults) -> list[str]:
                 format_estimate(r["dice_real"]),
                 format_estimate(r["dice_synth"]),
                 format_estimate(r["ratio"]),
-                _f(r.get("fp_real", {}).get("value")),
-                _f(r.get("fp_synth", {}).get("value")),
+                num(r.get("fp_real", {}).get("value")),
+                num(r.get("fp_synth", {}).get("value")),
             ]
         )
-    out += _table(
+    out += md_table(
         ["label", "Dice on real", "Dice on synthetic", "ratio synth/real", "FP rate real", "FP rate synth"], rows
     )
     out += [
@@ -187,7 +164,7 @@ def plausibility_section(res: ExperimentResults) -> list[str]:
             "same mask; _visible_ = fraction of masks whose synthetic contrast has the real sign and at least half "
             "its size.",
             "",
-            *_table(["label", "reference", "contrast real", "contrast synthetic", "ratio", "visible"], crow),
+            *md_table(["label", "reference", "contrast real", "contrast synthetic", "ratio", "visible"], crow),
         ]
     return out
 
@@ -199,22 +176,22 @@ def realism_section(res: ExperimentResults) -> list[str]:
         return []
     rl, dv, mm = val["realism"], val["diversity"], val["memorisation"]
     wass = ", ".join(
-        f"{v['name']} {_f(v.get('wasserstein'), 4)}" for v in val.get("intensity_wasserstein", {}).values()
+        f"{v['name']} {num(v.get('wasserstein'), 4)}" for v in val.get("intensity_wasserstein", {}).values()
     )
     rows = [
-        ["Fréchet distance, real test vs synthetic", _f(rl.get("fid")), "in-domain encoder (not Inception)"],
-        ["  reference: real test vs real train", _f(rl.get("reference_fid")), "the floor a perfect generator reaches"],
-        ["KID, real test vs synthetic", _f(rl.get("kid_mean"), 4), ""],
-        ["  reference: real test vs real train", _f(rl.get("reference_kid_mean"), 4), ""],
+        ["Fréchet distance, real test vs synthetic", num(rl.get("fid")), "in-domain encoder (not Inception)"],
+        ["  reference: real test vs real train", num(rl.get("reference_fid")), "the floor a perfect generator reaches"],
+        ["KID, real test vs synthetic", num(rl.get("kid_mean"), 4), ""],
+        ["  reference: real test vs real train", num(rl.get("reference_kid_mean"), 4), ""],
         ["intensity Wasserstein per label", wass or "–", "images in [0, 1]"],
-        [f"diversity: mean pairwise {dv.get('method', 'MS-SSIM')} among seeds", _f(dv.get("mean")), "1 = identical"],
+        [f"diversity: mean pairwise {dv.get('method', 'MS-SSIM')} among seeds", num(dv.get("mean")), "1 = identical"],
         [
             "memorisation: fraction flagged",
-            _f(mm.get("fraction_flagged"), 4),
+            num(mm.get("fraction_flagged"), 4),
             f"closer to a training image than the {mm.get('percentile', 1)}th percentile of real test images",
         ],
     ]
-    return _table(["measure", "value", "note"], rows)
+    return md_table(["measure", "value", "note"], rows)
 
 
 def _task_of(row: dict[str, Any]) -> str:
@@ -235,7 +212,7 @@ def downstream_section(res: ExperimentResults) -> list[str]:
         return ["_The downstream experiment did not run for this config._"]
     cells = res.record.cells
     out = [
-        f"{len(cells)} grid cells, each its own tracked run under the experiment run {_rid(run.run_id)}; "
+        f"{len(cells)} grid cells, each its own tracked run under the experiment run {run_ref(run.run_id)}; "
         f"each cell trains until its validation score stops improving (at most "
         f"{res.cfg('experiment.train.steps')} classifier steps) and keeps its best-on-validation weights.",
         "",
@@ -250,19 +227,19 @@ def downstream_section(res: ExperimentResults) -> list[str]:
             )
             delta = "–"
             if r.get("delta_vs_real") not in (None, ""):
-                delta = f"{_f(r['delta_vs_real'])} [{_f(r.get('delta_lo'))}, {_f(r.get('delta_hi'))}]"
+                delta = f"{num(r['delta_vs_real'])} [{num(r.get('delta_lo'))}, {num(r.get('delta_hi'))}]"
             rows.append(
                 [
                     arm,
                     f"{100 * float(r['fraction']):g}%",
-                    _f(r.get("n_real_patients"), 0),
-                    _f(r.get("n_real"), 0),
-                    _f(r.get("n_synthetic"), 0),
-                    f"{_f(r.get(f'{metric}_mean'))} ± {_f(r.get(f'{metric}_sd'))}",
-                    f"[{_f(r.get('ci_lo'))}, {_f(r.get('ci_hi'))}]",
+                    num(r.get("n_real_patients"), 0),
+                    num(r.get("n_real"), 0),
+                    num(r.get("n_synthetic"), 0),
+                    f"{num(r.get(f'{metric}_mean'))} ± {num(r.get(f'{metric}_sd'))}",
+                    f"[{num(r.get('ci_lo'))}, {num(r.get('ci_hi'))}]",
                     delta,
-                    _f(r.get("p_value"), 4),
-                    _f(r.get("p_holm"), 4),
+                    num(r.get("p_value"), 4),
+                    num(r.get("p_holm"), 4),
                 ]
             )
         what = "tumour/lesion presence per image" if task == "presence" else "segmentation"
@@ -273,7 +250,7 @@ def downstream_section(res: ExperimentResults) -> list[str]:
         except ValueError:  # a summary written by an older version without the fields the check needs
             pass
         out += [
-            *_table(
+            *md_table(
                 [
                     "arm",
                     "real fraction",
@@ -340,87 +317,13 @@ def findings_section(results: Sequence[ExperimentResults]) -> list[str]:
                 [
                     res.name,
                     f"Δ {_task_of(r)} metric at 10% real, + {r['ratio']}x synthetic (CI excludes 0?)",
-                    f"{_f(r['delta_vs_real'])} [{_f(lo)}, {_f(hi)}]",
+                    f"{num(r['delta_vs_real'])} [{num(lo)}, {num(hi)}]",
                     sign,
                 ]
             )
     if not rows:
         return ["_No validation or downstream result to summarise._"]
-    return _table(["config", "check", "value [95% CI]", "outcome"], rows)
-
-
-def _benchmark_tables(
-    bench_dir: Path | None,
-    pattern: str,
-    cols: Sequence[tuple[str, str]],
-    figures_dir: Path | None = None,
-) -> list[str]:
-    """One table per benchmark JSON matching ``pattern`` in ``bench_dir`` (with its command and device).
-
-    A PNG next to a JSON (same stem) is copied to ``figures_dir/benchmarks/`` and shown under its table.
-    """
-    files = sorted(bench_dir.glob(pattern)) if bench_dir and bench_dir.is_dir() else []
-    out: list[str] = []
-    for path in files:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        rows = [[_f(r.get(k), 3) if r.get(k) is not None else "–" for k, _ in cols] for r in data.get("rows", [])]
-        out += [
-            f"From `{path.name}` (command: `{data.get('command', '?')}`; device: "
-            f"{data.get('machine', {}).get('device', '?')}; written {data.get('created_utc', '?')}). A benchmark "
-            "is not a tracked run: it measured the generator the config's outputs held at that time.",
-            "",
-            *_table([h for _, h in cols], rows),
-            "",
-        ]
-        png = path.with_suffix(".png")
-        if figures_dir is not None and png.is_file():
-            dst = figures_dir / "benchmarks" / png.name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(png, dst)
-            out += [f"![{png.stem}](figures/benchmarks/{png.name})", "", f"_{png.stem}_", ""]
-    return out
-
-
-def sampler_section(bench_dir: Path | None) -> list[str]:
-    """Sampler speed/quality from ``benchmarks/results/sampling*.json`` (when present)."""
-    cols = [
-        ("label", "sampler"),
-        ("status", "status"),
-        ("nfe", "network evaluations / image"),
-        ("nfe_ratio", "fewer evaluations (x)"),
-        ("seconds", "wall s"),
-        ("speedup", "speed-up (x)"),
-        ("dice", "mean foreground Dice"),
-        ("dice_rel", "Dice vs baseline"),
-    ]
-    return _benchmark_tables(bench_dir, "sampling*.json", cols) or [
-        "_No sampling benchmark result found (run `make bench`)._"
-    ]
-
-
-def guidance_section(bench_dir: Path | None, figures_dir: Path | None) -> list[str]:
-    """Guidance sweeps from ``benchmarks/results/guidance-*.json``: is the lesion visible, and only there?"""
-    cols = [
-        ("row", "row"),
-        ("nfe", "network evaluations / image"),
-        ("contrast", "lesion contrast"),
-        ("contrast_rel", "contrast / real"),
-        ("visible", "visible"),
-        ("dice", "lesion Dice"),
-        ("dice_rel", "Dice / real"),
-        ("fp", "FP rate (lesion-free masks)"),
-    ]
-    tables = _benchmark_tables(bench_dir, "guidance-*.json", cols, figures_dir)
-    if not tables:
-        return ["_No guidance sweep found (`python -m benchmarks.guidance --config CONFIG`)._"]
-    return [
-        "Classifier-free guidance scale vs whether the lesion shows where the mask puts it (contrast: mean "
-        "intensity inside the lesion minus that of the reference region, the brain for LGG, in [0, 1]; visible: "
-        "fraction of masks whose synthetic contrast has the real sign and at least half its size) and nowhere "
-        "else (false-positive rate of the reference segmenter on lesion-free masks).",
-        "",
-        *tables,
-    ]
+    return md_table(["config", "check", "value [95% CI]", "outcome"], rows)
 
 
 def _figure(res: ExperimentResults, key: str, caption: str) -> list[str]:
@@ -475,7 +378,7 @@ def render(
         lines += [
             f"### 4.{i} {res.name}",
             "",
-            f"Pipeline run {_rid(res.record.parent.run_id)} ({res.record.parent.name}); registered models: "
+            f"Pipeline run {run_ref(res.record.parent.run_id)} ({res.record.parent.name}); registered models: "
             + (", ".join(f"`{m}`" for m in res.record.models) or "none")
             + ".",
             "",

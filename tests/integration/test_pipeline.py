@@ -185,7 +185,7 @@ def test_registered_generator_reproduces_images(tiny_run: dict[str, Any], tmp_pa
     from medsynth.config import load_config
     from medsynth.data.io import read_image
     from medsynth.pipeline import run_stage
-    from medsynth.pipeline.stages import SynthesizeOptions, synthesize_from_model
+    from medsynth.pipeline.sampling_stages import SynthesizeOptions, synthesize_from_model
 
     cfg = load_config(tiny_run["cfg"])
     uri = tiny_run["first"]["generator"]["model_uri"]

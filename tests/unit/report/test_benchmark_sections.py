@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medsynth.report.whitepaper import guidance_section, sampler_section
+from medsynth.report.benchmarks import guidance_section, sampler_section
 
 PNG = b"\x89PNG\r\n\x1a\nnot-a-real-image"
 
