@@ -97,7 +97,9 @@ def test_ui_forwards_signals_to_its_server(tmp_path: Path, sig: signal.Signals) 
     time.sleep(0.5)
     assert not [p for p in server if _alive(p)]  # no server or worker left
     with socket.socket() as s:
-        s.bind(("127.0.0.1", port))  # the port is free again
+        # SO_REUSEADDR: connections the server closed may sit in TIME_WAIT; a LISTENING socket still fails bind
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))  # the port is free again: no server left listening
 
 
 def test_ui_without_a_store_says_where_it_looked(tmp_path: Path) -> None:
