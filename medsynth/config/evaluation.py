@@ -92,6 +92,13 @@ class ValidationConfig(StrictModel):
     n_bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples (of patients) per confidence interval.")
     ci: float = Field(0.95, gt=0, lt=1, description="Confidence level of the percentile bootstrap intervals.")
     seed: int = Field(0, description="Seed of bootstraps, permutation tests and KID subsets.")
+    external_test: str | None = Field(
+        None,
+        description="External test set (another site or cohort): a dataset folder (any layout the data section "
+        "reads) or a CSV manifest, preprocessed with the same settings into its own cache. Plausibility, lesion "
+        "contrast and realism are measured on its masks as well and reported separately ('external'). A patient "
+        "shared with the training split is an error. None: none.",
+    )
     n_worst: int = Field(5, ge=0, description="Worst synthetic cases (lowest Dice) drawn per label.")
     fp_min_voxels: int = Field(
         5,

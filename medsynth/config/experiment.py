@@ -15,7 +15,8 @@ Each cell trains until its score on the patient-level validation split stops imp
 (``convergence``) and keeps its best-on-validation weights.
 
 Arms: ``real`` (the real subset; with ratio r > 0 plus r synthetic images per real image),
-``real_classical`` (the real subset with classical MONAI augmentation, ratio 0 only) and
+``real_classical`` (the same data with classical MONAI augmentation on every batch: at ratio 0 classical
+augmentation alone, at r > 0 synthetic data on top of it, compared with classical alone) and
 ``synthetic_only`` (r synthetic images per real image of the subset, the real images themselves
 left out; ratios >= 1 only). Synthetic images come from a pool generated once per training mask
 (see :mod:`medsynth.evaluation.experiment`).
@@ -129,9 +130,15 @@ class ExperimentConfig(StrictModel):
     )
     arms: list[Arm] = Field(
         default_factory=lambda: list(ARMS),
-        description="'real' (ratio r > 0: real + synthetic), 'real_classical' (real + classical MONAI "
-        "augmentation, ratio 0 only), 'synthetic_only' (ratio x n_real synthetic images of the subset's "
-        "masks and no real image; ratios >= 1 only).",
+        description="'real' (ratio r > 0: real + synthetic), 'real_classical' (the same with classical MONAI "
+        "augmentation on every batch, at the classical_ratios), 'synthetic_only' (ratio x n_real synthetic images "
+        "of the subset's masks and no real image; ratios >= 1 only).",
+    )
+    classical_ratios: list[int] | None = Field(
+        None,
+        description="Ratios of the 'real_classical' arm: None = every ratio of 'ratios' (synthetic data on top of "
+        "classical augmentation, each compared with classical augmentation alone); [0] = classical augmentation "
+        "alone (cheaper).",
     )
     classifier: Literal["resnet10", "densenet121"] = Field(
         "resnet10",
@@ -242,7 +249,19 @@ class ExperimentConfig(StrictModel):
     def _grid_ok(self) -> Self:
         if "synthetic_only" in self.arms and max(self.ratios) < 1:
             raise ValueError("arm 'synthetic_only' needs a ratio >= 1 in ratios")
+        if self.classical_ratios is not None:
+            extra = sorted(set(self.classical_ratios) - set(self.ratios))
+            if extra or 0 not in self.classical_ratios:
+                raise ValueError(
+                    f"classical_ratios must include 0 and be a subset of ratios {self.ratios}, got "
+                    f"{self.classical_ratios}"
+                )
         return self
+
+    @property
+    def real_classical_ratios(self) -> list[int]:
+        """Ratios of the 'real_classical' arm (``classical_ratios``, or every ratio)."""
+        return sorted(self.classical_ratios if self.classical_ratios is not None else self.ratios)
 
     @property
     def pool_per_mask(self) -> int:

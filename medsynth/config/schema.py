@@ -12,6 +12,7 @@ from medsynth.config.evaluation import SegmenterConfig, ValidationConfig
 from medsynth.config.experiment import ExperimentConfig
 from medsynth.config.orchestration import OrchestrationConfig
 from medsynth.config.preprocess import PreprocessConfig, QCConfig
+from medsynth.config.privacy import PrivacyConfig
 from medsynth.config.stages import AutoencoderStage, ControlNetStage, DiffusionStage, SamplingConfig
 from medsynth.config.synthesis import SynthesisConfig
 from medsynth.config.tracking import TrackingConfig
@@ -55,6 +56,7 @@ class MedsynthConfig(StrictModel):
     segmenter: SegmenterConfig = Field(default_factory=SegmenterConfig)  # type: ignore[arg-type]
     validation: ValidationConfig = Field(default_factory=ValidationConfig)  # type: ignore[arg-type]
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)  # type: ignore[arg-type]
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _synthesis_fits(self) -> Self:

@@ -61,7 +61,7 @@ def plot_summary(path: Path, rows: list[SummaryRow], ci: float) -> Path:
                 ax.legend(fontsize=7, loc="best")
         axes[0, col].set_ylabel(f"test {name} (mean over seeds)")
         axes[0, col].set_title(f"{task}: error bars {100 * ci:g}% CI, bootstrap over test patients", fontsize=9)
-        axes[1, col].set_ylabel(f"Δ {name} vs real only (paired)")
+        axes[1, col].set_ylabel(f"Δ {name} vs baseline (paired; classical + synthetic: vs classical alone)", fontsize=8)
     fig.tight_layout()
     write_atomic(path, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)

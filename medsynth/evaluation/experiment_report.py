@@ -8,13 +8,17 @@ weights, :func:`~medsynth.evaluation.stats.patient_weights`), recomputes every s
 resample and averages over seeds. For AUROC this is the weighted Mann-Whitney AUROC per seed; for
 Dice the per-case Dice averaged over seeds (:func:`~medsynth.evaluation.stats.bootstrap_mean`).
 
-The paired comparison with the real-only ratio-0 cell of the same task and fraction uses the same
-seeds and the same resampled patients for both: the difference of the seed means (the effect size on
-the metric's own scale), its bootstrap interval and a p-value — for AUROC the two-sided bootstrap
-p-value (:func:`~medsynth.evaluation.stats.bootstrap_p_value`), for Dice the Wilcoxon signed-rank
-test on per-patient mean differences (:func:`~medsynth.evaluation.stats.paired_comparison`), with
-Cohen's d_z of those differences as the standardised effect size. p-values are Holm-adjusted across
-the fractions of each (task, arm, ratio) (:func:`~medsynth.evaluation.stats.holm_adjust`).
+The paired comparison is with the **baseline** of the row: the real-only ratio-0 cell of the same task
+and fraction, except for synthetic data on top of classical augmentation (``real_classical`` at ratio r
+> 0), whose baseline is classical augmentation alone (``real_classical`` at ratio 0) — the question a
+user who already augments asks. It uses the same seeds and the same resampled patients for both: the
+difference of the seed means (the effect size on the metric's own scale), its bootstrap interval and a
+p-value — for AUROC the two-sided bootstrap p-value
+(:func:`~medsynth.evaluation.stats.bootstrap_p_value`), for Dice the Wilcoxon signed-rank test on
+per-patient mean differences (:func:`~medsynth.evaluation.stats.paired_comparison`), with Cohen's d_z of
+those differences as the standardised effect size. p-values are Holm-adjusted across the fractions of
+each (task, arm, ratio)
+(:func:`~medsynth.evaluation.stats.holm_adjust`).
 
 :func:`real_only_growth` checks that the real-only arm grows with the real fraction (no step down
 below the previous fraction's interval, and the largest fraction above the smallest one's interval): a task model
@@ -85,8 +89,10 @@ class SummaryRow(BaseModel):
     Attributes:
         means / sds: Per metric, mean and sd over seeds (None where undefined).
         ci_lo, ci_hi: Patient-bootstrap interval of the seed-mean primary metric.
-        delta_vs_real, delta_lo, delta_hi: Paired difference with the real-only ratio-0 cell of the
-            same task and fraction, and its interval (None for that cell itself).
+        delta_vs_real, delta_lo, delta_hi: Paired difference with the row's baseline cell of the same
+            task and fraction, and its interval (None for the real-only ratio-0 cell itself).
+        baseline: What the Δ is against: 'real' (real only, ratio 0) or 'real_classical' (classical
+            augmentation alone, for synthetic data on top of classical augmentation).
         p_value: Its p-value; p_holm: Holm-adjusted across the fractions of (task, arm, ratio).
         effect_dz: Cohen's d_z of per-patient differences (segmentation), else None.
         chosen_step_mean: Mean over seeds of the early-stopping step kept.
@@ -117,6 +123,7 @@ class SummaryRow(BaseModel):
     p_holm: float | None = None
     effect_dz: float | None = None
     paired_seeds: int = 0
+    baseline: str = "real"
     chosen_step_mean: float | None = None
     external_mean: float | None = None
     external_lo: float | None = None
@@ -282,7 +289,9 @@ def summarise(
             row.update(
                 {"external_mean": _clean(ext.point(recs)), "external_lo": _clean(elo), "external_hi": _clean(ehi)}
             )
-        base = groups.get(("real", fraction, 0))
+        base_arm = "real_classical" if arm == "real_classical" and ratio > 0 else "real"
+        base = groups.get((base_arm, fraction, 0))
+        row["baseline"] = base_arm
         if base is not None and (arm, ratio) != ("real", 0):
             common = sorted(set(seeds) & set(base))
             if common:
@@ -382,7 +391,7 @@ def arm_label(arm: str, ratio: int) -> str:
     if arm == "real":
         return "real only" if ratio == 0 else f"real + {ratio}x synthetic"
     if arm == "real_classical":
-        return "real + classical aug."
+        return "real + classical aug." if ratio == 0 else f"real + classical aug. + {ratio}x synthetic"
     return f"synthetic only ({ratio}x)"
 
 
@@ -417,7 +426,8 @@ def write_summary(
         f"{ec.convergence.schedule} schedule) and keeps its best-on-validation weights.",
         "",
         f"- {pct} CI = percentile bootstrap over TEST PATIENTS ({ec.n_bootstrap} resamples) of the seed-mean metric.",
-        "- Δ vs real only: seed-mean difference with the real-only ratio-0 cell of the same fraction (same "
+        "- Δ vs baseline: seed-mean difference with the real-only ratio-0 cell of the same fraction — for "
+        "synthetic data on top of classical augmentation, with classical augmentation alone (marked †) — (same "
         "seeds, same resampled test patients); p: presence = two-sided bootstrap p-value, segmentation = "
         "Wilcoxon signed-rank on per-patient means; p (Holm) adjusted across fractions per arm and ratio; "
         "d_z = Cohen's d_z of per-patient differences.",
@@ -453,7 +463,7 @@ def write_summary(
             f"{name} (mean ± sd)",
             f"{pct} CI",
             *extra,
-            f"Δ {name} vs real [{pct} CI]",
+            f"Δ {name} vs baseline [{pct} CI]",
             "p",
             "p (Holm)",
             "d_z",
@@ -479,6 +489,7 @@ def write_summary(
                 cells.append(_fmt(r.means.get("fp_rate")))
             delta = (
                 f"{_fmt(r.delta_vs_real)} [{_fmt(r.delta_lo)}, {_fmt(r.delta_hi)}]"
+                + (" †" if r.baseline == "real_classical" else "")
                 if r.delta_vs_real is not None
                 else "–"
             )

@@ -118,6 +118,7 @@ def grid_key(
         "ratios",
         "seeds",
         "arms",
+        "classical_ratios",
         "n_bootstrap",
         "ci",
         "bootstrap_seed",

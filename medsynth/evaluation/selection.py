@@ -11,7 +11,8 @@ the synthetic sets are nested across ratios. A cell that needs more than its can
 them (sampling with replacement, recorded as ``synthetic_with_replacement``). Arms:
 
 * ``real``: the real subset, plus ``ratio * n_real`` synthetic items when ``ratio > 0``;
-* ``real_classical``: the real subset with classical MONAI augmentation, ratio 0 only;
+* ``real_classical``: the same data as ``real`` at that ratio, trained with classical MONAI augmentation on
+  every batch (ratio 0: classical augmentation alone; ratio > 0: synthetic data on top of it);
 * ``synthetic_only``: ``ratio * n_real`` synthetic items of the subset's masks and no real item, for
   ratios >= 1 only (ratio 0 would be an empty training set; ratio 1 is the 1:1 replacement of the
   real data by synthetic data).
@@ -82,8 +83,9 @@ def resolve_tasks(cfg: MedsynthConfig) -> list[Task]:
 
 
 def grid_cells(cfg: MedsynthConfig) -> list[Cell]:
-    """Every cell of the grid, per task: ``real`` at every ratio, ``real_classical`` at ratio 0 and
-    ``synthetic_only`` at the ratios >= 1, for every fraction and seed (in that order). The cells of
+    """Every cell of the grid, per task: ``real`` at every ratio, ``real_classical`` at
+    ``experiment.real_classical_ratios`` and ``synthetic_only`` at the ratios >= 1, for every fraction
+    and seed (in that order). The cells of
     the tasks share their training data (same patients and synthetic items for the same coordinates)."""
     ec = cfg.experiment
     cells: list[Cell] = []
@@ -92,7 +94,7 @@ def grid_cells(cfg: MedsynthConfig) -> list[Cell]:
             if arm == "real":
                 ratios = list(ec.ratios)
             elif arm == "real_classical":
-                ratios = [0]
+                ratios = ec.real_classical_ratios
             else:
                 ratios = [r for r in ec.ratios if r >= 1]
             for fraction in ec.fractions:
@@ -189,7 +191,7 @@ def select_cell(
         fraction: Fraction of the training patients (nested across fractions for one seed).
         ratio: Synthetic items per real item of the selected patients.
         seed: Seed of the patient order and of the synthetic draw.
-        arm: 'real', 'real_classical' (ratio 0) or 'synthetic_only' (ratio >= 1).
+        arm: 'real', 'real_classical' (the data of 'real'; the cell augments it) or 'synthetic_only' (ratio >= 1).
 
     Returns:
         A :class:`CellData`.
@@ -200,8 +202,8 @@ def select_cell(
     """
     if arm not in ("real", "real_classical", "synthetic_only"):
         raise ValueError(f"unknown arm {arm!r}")
-    if ratio < 0 or (arm == "real_classical" and ratio != 0) or (arm == "synthetic_only" and ratio < 1):
-        raise ValueError(f"arm {arm!r} does not take ratio {ratio} (real_classical: 0; synthetic_only: >= 1)")
+    if ratio < 0 or (arm == "synthetic_only" and ratio < 1):
+        raise ValueError(f"arm {arm!r} does not take ratio {ratio} (synthetic_only: >= 1)")
     pats = select_patients(train.patients, fraction, seed)
     chosen = set(pats)
     real_idx = [i for i, p in enumerate(train.patients) if p in chosen]

@@ -26,6 +26,7 @@ from medsynth.evaluation.segmenter import load_segmenter, predict
 from medsynth.evaluation.stats import format_estimate, format_value
 from medsynth.fileio import write_json_atomic, write_text_atomic
 from medsynth.generator import MaskGenerator
+from medsynth.privacy import MAP_FILE, privacy_dir, pseudonymiser
 from medsynth.progress import NullProgress, Progress
 from medsynth.synthesis.memorisation import closest_pairs_figure, memorisation_audit
 from medsynth.tracking.base import NullTracker, Tracker
@@ -143,7 +144,37 @@ def _summary_md(cfg: MedsynthConfig, rep: dict[str, Any]) -> str:
         f"- fraction of synthetic images closer to a training image than the {cfg.validation.memorisation_percentile}"
         f"th percentile of real test images: {format_value(mm.get('fraction_flagged'), 4, mm.get('na', 'n/a'))}",
     ]
+    if rep.get("external"):
+        lines += _external_md(rep["external"])
     return "\n".join(lines) + "\n"
+
+
+def _external_md(ext: dict[str, Any]) -> list[str]:
+    """The external test set's section of the summary (same measurements, reported separately)."""
+    rl = ext["realism"]
+    lines = [
+        "",
+        "## External test set",
+        "",
+        f"`{ext['source']}`: {ext['n_items']} items from {ext['n_patients']} patients, preprocessed with the same "
+        "settings; never used for training or for choosing anything.",
+        "",
+        "| label | Dice real | Dice synthetic | ratio synth/real | FP rate real | FP rate synth |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in ext["plausibility"]["per_label"].items():
+        lines.append(
+            f"| {name} | {format_estimate(r['dice_real'])} | {format_estimate(r['dice_synth'])} | "
+            f"{format_estimate(r['ratio'])} | {format_value(r['fp_real'].get('value'))} | "
+            f"{format_value(r['fp_synth'].get('value'))} |"
+        )
+    for name, c in (ext.get("contrast") or {}).items():
+        lines.append(f"\n{name} contrast synthetic/real: {format_estimate(c['ratio'])}.")
+    lines.append(
+        f"\nFréchet distance {format_value(rl.get('fid'), 3, rl.get('na', 'n/a'))}, "
+        f"KID {format_value(rl.get('kid_mean'), 4, rl.get('na', 'n/a'))} (in-domain encoder)."
+    )
+    return lines
 
 
 def run_validation(
@@ -178,6 +209,10 @@ def run_validation(
     test = load_split(cache_dir, "test", max_items=vc.max_cases)
     train = load_split(cache_dir, "train")
     labels = test.labels
+    # ids as they appear in figures and the logged report (keyed pseudonyms with privacy.pseudonymise_ids)
+    pseudo = pseudonymiser(cfg)
+    test_ids, train_ids = pseudo.many(test.item_ids), pseudo.many(train.item_ids)
+    test_patients = pseudo.many(test.patients)
 
     # --- autoencoder reconstruction quality on the test split (the ceiling of any synthetic image) ---
     ae_quality, recon = reconstruction_quality(gen, test.images)
@@ -193,8 +228,8 @@ def run_validation(
         pred_real,
         pred_synth,
         test.masks,
-        test.patients,
-        test.item_ids,
+        test_patients,
+        test_ids,
         labels,
         n_boot=vc.n_bootstrap,
         seed=vc.seed,
@@ -269,8 +304,8 @@ def run_validation(
         test.images,
         percentile=vc.memorisation_percentile,
         distance=vc.memorisation_distance,
-        synth_ids=test.item_ids,
-        train_ids=train.item_ids,
+        synth_ids=test_ids,
+        train_ids=train_ids,
         top_k=vc.memorisation_top_k,
     )
     figs.append(
@@ -280,11 +315,17 @@ def run_validation(
             train.images,
             mem,
             n=vc.n_closest,
-            synth_ids=test.item_ids,
-            train_ids=train.item_ids,
+            synth_ids=test_ids,
+            train_ids=train_ids,
         )
     )
     figs.append(_sample_panel(out / "real_vs_synthetic.png", test, synth))
+
+    external = None
+    if vc.external_test:
+        external = validate_external(cfg, gen, seg, enc, train.patients, out, progress)
+        if "figure" in external:
+            figs.append(Path(external["figure"]))
 
     report: dict[str, Any] = {
         "n_items": len(test),
@@ -299,12 +340,107 @@ def run_validation(
         "diversity": diversity,
         "memorisation": mem.summary,
     }
+    if external is not None:
+        report["external"] = external
+    if pseudo.enabled:
+        report["ids"] = "pseudonymised (privacy.pseudonymise_ids)"
+        pseudo.save_table(privacy_dir(cfg) / MAP_FILE)
     write_json_atomic(out / REPORT_JSON, report)
     write_text_atomic(out / REPORT_MD, _summary_md(cfg, report))
     tr.log_metrics(flat_metrics(report))
     for f in [*figs, out / REPORT_JSON, out / REPORT_MD]:
         tr.log_artifact(f, "validation")
     return report
+
+
+def validate_external(
+    cfg: MedsynthConfig,
+    gen: MaskGenerator,
+    seg: torch.nn.Module,
+    enc: torch.nn.Module,
+    train_patients: list[str],
+    out_dir: Path,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Plausibility, lesion contrast and realism on the masks of ``validation.external_test``.
+
+    The external set (another site or cohort) is preprocessed with the main data's settings
+    (:func:`medsynth.evaluation.external.load_external_test`); its masks condition the generator and
+    the same real-data segmenter and feature encoder score its real and synthetic images. Nothing of
+    it is used for training or for choosing anything.
+
+    Args:
+        cfg: Resolved config (``validation.external_test`` set).
+        gen: The generator.
+        seg: The reference segmenter (trained on the real training split).
+        enc: The in-domain feature encoder.
+        train_patients: Patients of the training split (an external patient among them is an error).
+        out_dir: Folder of its figure (``external_real_vs_synthetic.png``).
+        progress: Receives one ``advance()`` per generated image.
+
+    Returns:
+        ``{"source", "n_items", "n_patients", "plausibility", "contrast", "realism"}`` (and ``"figure"``,
+        the path of its real/mask/synthetic panel).
+
+    Raises:
+        PatientLeakError: If an external patient is also a training patient.
+    """
+    from medsynth.evaluation.external import load_external_test
+    from medsynth.evaluation.selection import check_no_leak
+
+    vc = cfg.validation
+    assert vc.external_test is not None
+    ext = load_external_test(cfg, vc.external_test)
+    check_no_leak(train_patients, ext.patients, "external test")
+    if vc.max_cases is not None and len(ext) > vc.max_cases:
+        ext = ext.subset(list(range(vc.max_cases)))
+    synth = generate_for(gen, ext.masks, cfg, seed=vc.seed, progress=progress)
+    pred_real, pred_synth = predict(seg, ext.images), predict(seg, synth)
+    pseudo = pseudonymiser(cfg)
+    plaus = plausibility_report(
+        pred_real,
+        pred_synth,
+        ext.masks,
+        pseudo.many(ext.patients),
+        pseudo.many(ext.item_ids),
+        ext.labels,
+        n_boot=vc.n_bootstrap,
+        seed=vc.seed,
+        ci=vc.ci,
+        fp_min_voxels=vc.fp_min_voxels,
+    )
+    plaus.pop("rows", None)  # per-case rows of the main split only (the report stays small)
+    lesion = lesion_label(cfg)
+    contrast = contrast_report(
+        ext.images,
+        synth,
+        ext.masks,
+        ext.patients,
+        {lesion: ext.labels.get(lesion, str(lesion))},
+        contrast_reference(cfg),
+        vc.n_bootstrap,
+        vc.seed,
+        vc.ci,
+    )
+    f_real, f_synth = extract_features(enc, ext.images), extract_features(enc, synth)
+    realism = realism_report(
+        f_real,
+        f_synth,
+        None,
+        kid_subset_size=max(min(vc.kid_subset_size, len(ext)), 1),
+        kid_subsets=vc.kid_subsets,
+        seed=vc.seed,
+    )
+    figure = _sample_panel(out_dir / "external_real_vs_synthetic.png", ext, synth)
+    return {
+        "source": str(vc.external_test),
+        "figure": str(figure),
+        "n_items": len(ext),
+        "n_patients": len(set(ext.patients)),
+        "plausibility": plaus,
+        "contrast": contrast,
+        "realism": realism,
+    }
 
 
 @torch.no_grad()
@@ -375,6 +511,15 @@ def flat_metrics(rep: dict[str, Any]) -> dict[str, float]:
         "val/diversity": rep["diversity"].get("mean"),
         "val/memorised_fraction": rep["memorisation"].get("fraction_flagged"),
     }
+    ext = rep.get("external")
+    if ext:
+        for name, r in ext["plausibility"]["per_label"].items():
+            for key in ("dice_real", "dice_synth", "ratio"):
+                optional[f"val/external_{name}_{key}"] = r.get(key, {}).get("value")
+            optional[f"val/external_{name}_fp_synth"] = r["fp_synth"].get("value")
+        for name, c in (ext.get("contrast") or {}).items():
+            optional[f"val/external_{name}_contrast_ratio"] = c["ratio"].get("value")
+        optional["val/external_fid_in_domain"] = ext["realism"].get("fid")
     for name, v in optional.items():  # "n/a" measurements (too few items) are not logged as metrics
         if v is not None and math.isfinite(float(v)):
             m[name] = float(v)

@@ -60,6 +60,12 @@ def external_test_fingerprint(cfg: MedsynthConfig) -> str | None:
     return files_fingerprint(ext) if ext else None
 
 
+def validation_external_fingerprint(cfg: MedsynthConfig) -> str | None:
+    """Digest of the validation's external test set (None when there is none)."""
+    ext = cfg.validation.external_test
+    return files_fingerprint(ext) if ext else None
+
+
 def mask_source_fingerprint(cfg: MedsynthConfig) -> str | None:
     """Digest of the mask files a folder/manifest synthesis source reads (None for the split source).
 

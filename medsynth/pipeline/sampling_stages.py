@@ -272,11 +272,13 @@ class ExportOptions(BaseModel):
 def run_export(run: StageRun) -> StageResult:
     """Export the augmented dataset (synthetic, optionally with the real cases) as nnU-Net v2, MSD or a folder."""
     from medsynth.errors import ConfigError
+    from medsynth.privacy import MAP_FILE, privacy_dir, pseudonymiser
     from medsynth.synthesis.export import export_dataset
 
     opts = run.options if isinstance(run.options, ExportOptions) else ExportOptions()
     if opts.out is None:
         raise ConfigError("command line", "export needs --out", hint="medsynth export -c CONFIG --out DIR")
+    pseudo = pseudonymiser(run.cfg)
     summary = export_dataset(
         run.cfg,
         opts.out,
@@ -285,7 +287,11 @@ def run_export(run: StageRun) -> StageResult:
         cache_dir=run.path("preprocess"),
         with_real=opts.with_real,
         native=opts.native,
+        pseudonymise=pseudo,
     )
+    table = pseudo.save_table(privacy_dir(run.cfg) / MAP_FILE)  # the way back stays here, never in the export
+    if table is not None:
+        log.info("case ids pseudonymised; the id table is %s (keep it with the raw data)", table)
     return StageResult(
         metrics={"export/n_real": summary.n_real, "export/n_synthetic": summary.n_synthetic},
         outputs={"dataset": str(opts.out)},

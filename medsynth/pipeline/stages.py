@@ -16,6 +16,7 @@ from medsynth.pipeline.digests import (
     external_test_fingerprint,
     file_digest,
     mask_source_fingerprint,
+    validation_external_fingerprint,
 )
 from medsynth.pipeline.eval_stages import ReportOptions, run_experiment, run_report, run_validate
 from medsynth.pipeline.registry import register_stage
@@ -199,8 +200,9 @@ register_stage(
     Stage(
         "validate",
         run_validate,
-        reads=("validation", "sampling", "autoencoder.tiling"),
+        reads=("validation", "sampling", "autoencoder.tiling", "privacy"),
         after=("generator", "calibrate", "segmenter", "features", "preprocess"),
+        inputs=validation_external_fingerprint,
         version=3,  # 2: label contrast; 3: contrast, worst cases and diversity on the lesion label only
         folder="validation",
         cli=("validate",),
@@ -227,6 +229,7 @@ register_stage(
     Stage(
         "export",
         run_export,
+        reads=("privacy",),
         after=("synthesize", "preprocess"),
         cli=("export",),
         options=ExportOptions,

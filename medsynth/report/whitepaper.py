@@ -204,7 +204,7 @@ def _task_of(row: dict[str, Any]) -> str:
 
 def downstream_section(res: ExperimentResults) -> list[str]:
     """The grid summary per task: metric per (arm, fraction, ratio) with CIs and the paired comparison."""
-    from medsynth.evaluation.experiment_report import real_only_growth, row_from_flat
+    from medsynth.evaluation.experiment_report import arm_label, real_only_growth, row_from_flat
 
     rows_in = res.experiment_rows
     run = res.stage("experiment")
@@ -222,12 +222,11 @@ def downstream_section(res: ExperimentResults) -> list[str]:
         label = "AUROC" if metric == "auroc" else "Dice"
         rows = []
         for r in (r for r in rows_in if _task_of(r) == task):
-            arm = {"real": "real" if not r["ratio"] else f"real + {r['ratio']}x synthetic"}.get(
-                r["arm"], "real + classical aug." if r["arm"] == "real_classical" else f"synthetic only ({r['ratio']}x)"
-            )
+            arm = arm_label(str(r["arm"]), int(r["ratio"] or 0))
             delta = "–"
             if r.get("delta_vs_real") not in (None, ""):
                 delta = f"{num(r['delta_vs_real'])} [{num(r.get('delta_lo'))}, {num(r.get('delta_hi'))}]"
+                delta += " †" if r.get("baseline") == "real_classical" else ""
             rows.append(
                 [
                     arm,
@@ -259,12 +258,15 @@ def downstream_section(res: ExperimentResults) -> list[str]:
                     "n synthetic",
                     f"{label} mean ± sd (seeds)",
                     "95% CI",
-                    f"Δ {label} vs real only [95% CI]",
+                    f"Δ {label} vs baseline [95% CI]",
                     "p",
                     "p (Holm, across fractions)",
                 ],
                 rows,
             ),
+            "",
+            "Δ is against real only (ratio 0) of the same fraction; † marks synthetic data on top of classical "
+            "augmentation, compared with classical augmentation alone.",
             "",
         ]
     return out
@@ -306,7 +308,7 @@ def findings_section(results: Sequence[ExperimentResults]) -> list[str]:
                         ]
                     )
         for r in res.experiment_rows:
-            if r["arm"] != "real" or not r["ratio"] or abs(float(r["fraction"]) - 0.1) > 1e-9:
+            if r["arm"] not in ("real", "real_classical") or not r["ratio"] or abs(float(r["fraction"]) - 0.1) > 1e-9:
                 continue
             if r.get("delta_vs_real") in (None, ""):
                 continue
@@ -316,7 +318,9 @@ def findings_section(results: Sequence[ExperimentResults]) -> list[str]:
             rows.append(
                 [
                     res.name,
-                    f"Δ {_task_of(r)} metric at 10% real, + {r['ratio']}x synthetic (CI excludes 0?)",
+                    f"Δ {_task_of(r)} metric at 10% real, + {r['ratio']}x synthetic"
+                    + (" on top of classical aug. (vs classical alone)" if r["arm"] == "real_classical" else "")
+                    + " (CI excludes 0?)",
                     f"{num(r['delta_vs_real'])} [{num(lo)}, {num(hi)}]",
                     sign,
                 ]

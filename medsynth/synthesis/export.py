@@ -49,6 +49,7 @@ from medsynth.data.labels import remap_and_validate
 from medsynth.data.preprocess import load_manifest
 from medsynth.errors import DataError, OutputExistsError
 from medsynth.fileio import is_nonempty, staged_dir, write_json_atomic, write_text_atomic
+from medsynth.privacy import Pseudonymiser
 from medsynth.progress import LogProgress, Progress
 from medsynth.synthesis.native import NativeGeometry, to_native
 from medsynth.synthesis.writer import MANIFEST_JSON
@@ -306,6 +307,17 @@ def _real_cases(cfg: MedsynthConfig, cache: _Cache, split: str, native: bool) ->
     return cases
 
 
+def _pseudonymised(case: _Case, p: Pseudonymiser) -> _Case:
+    """The case under its pseudonym: ids and patients replaced, paths that name them dropped."""
+    row = dict(case.row)
+    for col in ("source_id", "source_patient"):
+        if row.get(col) is not None:
+            row[col] = p(row[col])
+    if row.get("source") is not None:
+        row["source"] = "(pseudonymised)"
+    return _Case(p(case.case_id), case.load, row)
+
+
 def _check_ids(cases: list[_Case], where: Path) -> None:
     bad = [c.case_id for c in cases if not _ID.match(c.case_id)]
     if bad:
@@ -386,6 +398,7 @@ def export_dataset(
     real_split: str = "train",
     native: bool = False,
     progress: Progress | None = None,
+    pseudonymise: Pseudonymiser | None = None,
 ) -> ExportSummary:
     """Export the synthetic dataset (and the real training cases) as nnU-Net v2, MSD or a plain folder.
 
@@ -399,6 +412,8 @@ def export_dataset(
         real_split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
         native: Write every case on its source mask's own grid (see the module docstring).
         progress: Receives one ``advance()`` per written case.
+        pseudonymise: Replaces every case id (file names), source id and source patient by its keyed
+            pseudonym, and drops source paths (:mod:`medsynth.privacy`); the id table stays with the caller.
 
     Returns:
         An :class:`ExportSummary`.
@@ -429,6 +444,8 @@ def export_dataset(
     n_syn = len(cases)
     if with_real:
         cases = _real_cases(cfg, cache(), real_split, native) + cases
+    if pseudonymise is not None and pseudonymise.enabled:
+        cases = [_pseudonymised(c, pseudonymise) for c in cases]
     _check_ids(cases, syn)
     spaces = {str(c.row.get("intensity_space", "")).split(" ")[0] for c in cases}
     if native and len(spaces) > 1:

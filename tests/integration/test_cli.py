@@ -272,3 +272,40 @@ def test_every_command_is_known_and_has_help() -> None:
         for name in subs or [None]:
             args = [group, name] if name else [group]
             assert "Usage: " in cli(*args, "--help")
+
+
+def _renamed_phantom(dest: Path, prefix: str, seed: int) -> Path:
+    """A 2D phantom whose patients are called ``<prefix>_NNN`` (not the tiny run's ``phantom_NNN``)."""
+    from medsynth.data.phantom import write_phantom_dataset
+
+    src = write_phantom_dataset(dest / "raw", dim=2, n=2, seed=seed, size=32, slices_per_patient=2)
+    out = dest / prefix
+    for f in src.rglob("*.png"):
+        rel = Path(str(f.relative_to(src)).replace("phantom_", f"{prefix}_"))
+        (out / rel.parent).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, out / rel)
+    return out
+
+
+def test_validate_scores_an_external_test_set_separately(tiny_run: dict[str, Any], tmp_path: Path) -> None:
+    """``validation.external_test``: the same measurements on another cohort, reported apart; a shared patient is
+    refused before anything is written."""
+    cfg = _copy_outputs(tiny_run, tmp_path, everything=True)
+    ext = _renamed_phantom(tmp_path, "extsite", seed=11)
+    out = cli("validate", "-c", cfg, "--set", f"validation.external_test={ext}", "--device", "cpu")
+    assert "validate: done" in out and "val/external_lesion_ratio" in out, out  # re-ran: its input changed
+    folder = tmp_path / "out" / "tiny" / "validation"
+    report = json.loads((folder / "validation_report.json").read_text(encoding="utf-8"))
+    ext_rep = report["external"]
+    assert ext_rep["n_patients"] == 2 and ext_rep["n_items"] > 0
+    assert ext_rep["n_items"] != report["n_items"] or ext_rep["plausibility"] != report["plausibility"]
+    assert "lesion" in ext_rep["plausibility"]["per_label"] and "rows" not in ext_rep["plausibility"]
+    assert (folder / "external_real_vs_synthetic.png").is_file()
+    md = (folder / "validation_summary.md").read_text(encoding="utf-8")
+    assert "## External test set" in md and str(ext) in md
+    # the training phantom itself as "external": every patient is a training patient -> one-line error
+    train_root = yaml.safe_load(Path(cfg).read_text(encoding="utf-8"))["data"]["root"]
+    err = cli_subprocess(
+        "validate", "-c", cfg, "--set", f"validation.external_test={train_root}", "--device", "cpu", code=2
+    )
+    assert "external test" in err and "phantom_" in err, err

@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "device": 0,
     "na": 0,
     "provenance": 0,
+    "privacy": 0,
     # data, networks, diffusion maths, the tracker interface
     "data": 1,
     "models": 1,

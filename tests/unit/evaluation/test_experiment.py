@@ -246,10 +246,13 @@ def test_synthetic_items_only_from_selected_patients(splits: tuple[ArraySet, Arr
         assert syn.n_real == 0 and syn.n_synthetic == 8 and syn.synthetic.all() and set(syn.patients) <= chosen
     more = select_cell(train, pool, 0.25, 3, 0, "real")
     assert more.n_synthetic == 24 and more.with_replacement and set(more.patients) <= set(more.real_patients)
-    with pytest.raises(ValueError):
-        select_cell(train, pool, 0.25, 1, 0, "real_classical")
+    classical = select_cell(train, pool, 0.25, 1, 0, "real_classical")  # same data as 'real'; the cell augments it
+    plain = select_cell(train, pool, 0.25, 1, 0, "real")
+    assert classical.item_ids == plain.item_ids and torch.equal(classical.images, plain.images)
     with pytest.raises(ValueError):
         select_cell(train, pool, 0.25, 0, 0, "synthetic_only")
+    with pytest.raises(ValueError):
+        select_cell(train, pool, 0.25, -1, 0, "real")
     other = fake_pool(make_set("Q", 2, 9), per_mask=1)
     with pytest.raises(DataError):
         select_cell(train, other, 0.25, 1, 0, "real")
@@ -260,9 +263,15 @@ def test_grid_cells_design() -> None:
     by_arm: dict[str, set[int]] = {}
     for c in cells:
         by_arm.setdefault(c.arm, set()).add(c.ratio)
-    assert by_arm == {"real": {0, 1, 2}, "real_classical": {0}, "synthetic_only": {1, 2}}
-    assert len(cells) == 2 * 2 * 2 * (3 + 1 + 2) and len({c.name for c in cells}) == len(cells)
+    # synthetic data on top of classical augmentation at every ratio (the default)...
+    assert by_arm == {"real": {0, 1, 2}, "real_classical": {0, 1, 2}, "synthetic_only": {1, 2}}
+    assert len(cells) == 2 * 2 * 2 * (3 + 3 + 2) and len({c.name for c in cells}) == len(cells)
     assert {c.task for c in cells} == {"presence", "segmentation"} and cells[0].name == "presence-real-f0.5-r0-s0"
+    # ... or classical augmentation alone, when the config says so
+    cheap = grid_cells(make_cfg(ratios=[0, 1, 2], seeds=[0], classical_ratios=[0]))
+    assert {c.ratio for c in cheap if c.arm == "real_classical"} == {0}
+    with pytest.raises(ValueError, match="classical_ratios"):
+        make_cfg(ratios=[0, 1], classical_ratios=[0, 5])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,14 +381,14 @@ def test_run_grid_writes_summary_and_resumes(splits: tuple[ArraySet, ArraySet, A
 
     res = run_grid(cfg, train, val, test, pool, tmp_path, tracker_factory=factory)
     names = [c.name for c in grid_cells(cfg)]
-    assert len(names) == 8 and res.trained == names and res.skipped == [] and res.tasks == ["presence"]
+    assert len(names) == 10 and res.trained == names and res.skipped == [] and res.tasks == ["presence"]
     assert [n for n, _ in opened] == names
     tr = dict(opened)["presence-real-f0.5-r1-s0"]
     assert tr.params["ratio"] == 1 and tr.params["n_synthetic"] == tr.params["n_real"] == 16
     assert 0.0 <= tr.metrics["test_auroc"] <= 1.0 and "train_loss" in tr.metrics
     assert "val_auroc" in tr.metrics and 1 <= tr.metrics["chosen_step"] <= 20  # the validation curve is logged
     lines = (tmp_path / CELLS_FILE).read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 8
+    assert len(lines) == 10
     rec = json.loads(lines[0])["record"]
     assert len(rec["test_scores"]) == len(test) and {"auroc", "sens_at_spec90", "f1"} <= set(rec["metrics"])
     conv = rec["convergence"]
@@ -390,8 +399,8 @@ def test_run_grid_writes_summary_and_resumes(splits: tuple[ArraySet, ArraySet, A
     md = res.summary_md.read_text(encoding="utf-8")
     assert "real + 1x synthetic" in md and "Real-only check" in md and "p (Holm)" in md
     rows = {(r.arm, r.fraction, r.ratio): r for r in res.summary}
-    assert len(rows) == 8 and rows[("real", 0.5, 0)].delta_vs_real is None
-    for key in (("real", 0.5, 1), ("real_classical", 1.0, 0), ("synthetic_only", 1.0, 1)):
+    assert len(rows) == 10 and rows[("real", 0.5, 0)].delta_vs_real is None
+    for key in (("real", 0.5, 1), ("real_classical", 1.0, 0), ("real_classical", 1.0, 1), ("synthetic_only", 1.0, 1)):
         r = rows[key]
         assert r.delta_vs_real is not None and r.p_value is not None and 0.0 <= r.p_value <= 1.0
         assert r.delta_lo is not None and r.delta_hi is not None and r.delta_lo <= r.delta_hi
@@ -414,7 +423,7 @@ def test_run_grid_writes_summary_and_resumes(splits: tuple[ArraySet, ArraySet, A
     opened.clear()
     again = run_grid(cfg, train, val, test, pool, tmp_path, tracker_factory=factory)
     assert again.trained == [] and again.skipped == names and opened == []
-    assert len((tmp_path / CELLS_FILE).read_text(encoding="utf-8").splitlines()) == 8
+    assert len((tmp_path / CELLS_FILE).read_text(encoding="utf-8").splitlines()) == 10
     assert again.summary == res.summary
 
     # an interrupted run (last line cut short) retrains only the lost cell
@@ -429,7 +438,11 @@ def test_segmentation_grid_tiny(splits: tuple[ArraySet, ArraySet, ArraySet], tmp
     res = run_grid(cfg, train, None, test, fake_pool(train, per_mask=1), tmp_path)
     assert res.metric == "dice" and res.plot.is_file()
     rows = {(r.arm, r.ratio): r for r in res.summary}
-    assert set(rows) == {("real", 0), ("real", 1), ("real_classical", 0)}
+    assert set(rows) == {("real", 0), ("real", 1), ("real_classical", 0), ("real_classical", 1)}
+    # classical alone is compared with real only; synthetic on top of classical with classical alone
+    assert rows[("real_classical", 0)].baseline == "real" and rows[("real_classical", 1)].baseline == "real_classical"
+    assert rows[("real", 1)].baseline == "real"
+    assert "†" in res.summary_md.read_text(encoding="utf-8")
     for r in rows.values():
         assert r.mean is not None and 0.0 <= r.mean <= 1.0 and r.means["fp_rate"] is not None
         assert r.chosen_step_mean == 4  # no validation split: the last step

@@ -116,6 +116,32 @@ def test_msd_and_folder_exports_read_back_and_keep_the_model_grid(augmented: dic
         assert read_image(folder / r["label"], kind="mask").array.shape == (16, 16)
 
 
+def test_pseudonymised_export_names_no_source_id(augmented: dict[str, Any], tmp_path: Path) -> None:
+    """``privacy.pseudonymise_ids``: file names and provenance carry keyed pseudonyms, the table stays outside."""
+    from medsynth.privacy import Pseudonymiser
+
+    cfg, cache, syn = augmented["cfg"], augmented["cache"], augmented["syn"]
+    plain = _provenance(
+        export_dataset(cfg, tmp_path / "plain", "folder", synthetic_dir=syn, cache_dir=cache, with_real=True).out_dir
+    )
+    p = Pseudonymiser(b"secret")
+    out = export_dataset(
+        cfg, tmp_path / "anon", "folder", synthetic_dir=syn, cache_dir=cache, with_real=True, pseudonymise=p
+    ).out_dir
+    rows = _provenance(out)
+    assert len(rows) == len(plain)
+    originals = {r["case_id"] for r in plain} | {r["source_id"] for r in plain} | {r["source_patient"] for r in plain}
+    originals.discard("")
+    text = (out / "provenance.csv").read_text(encoding="utf-8") + (out / "dataset.json").read_text(encoding="utf-8")
+    names = " ".join(str(f.relative_to(out)) for f in out.rglob("*"))
+    for original in originals:  # no source id, patient or path survives in any file name or provenance column
+        assert original not in text and original not in names, original
+    assert {r["case_id"] for r in rows} == {p(r["case_id"]) for r in plain}
+    assert all(r["source"] in ("", "(pseudonymised)") for r in rows)
+    # the way back is the pseudonymiser's table, never a file of the export
+    assert set(p.table().values()) >= {r["case_id"] for r in rows}
+
+
 def test_export_refuses_before_writing_anything(augmented: dict[str, Any], tmp_path: Path) -> None:
     cfg, cache, syn = augmented["cfg"], augmented["cache"], augmented["syn"]
     taken = tmp_path / "taken"
