@@ -36,11 +36,14 @@ class ImageData:
         array: Voxel values, shape ``(X, Y)`` or ``(X, Y, Z)``; float32 for images, int64 for masks.
         affine: RAS affine, shape ``(D+1, D+1)``, voxel index → world millimetres.
         path: The file (or DICOM folder) it came from.
+        channels: Every channel of a multi-contrast case ``(C, *S)`` float32 on ``array``'s grid (``array``
+            is channel 0), or None for a single-channel image (see :mod:`medsynth.data.channels`).
     """
 
     array: npt.NDArray[np.generic]
     affine: npt.NDArray[np.float64]
     path: Path
+    channels: npt.NDArray[np.float32] | None = None
 
     @property
     def ndim(self) -> int:
