@@ -60,6 +60,15 @@ def _config(root: Path, out: Path) -> dict[str, Any]:
             "features": {"channels": [4, 8], "train": {**opt, "steps": 2}},
         },
         "synthesis": {"max_masks": 2},
+        "experiment": {
+            "tasks": ["segmentation", "presence"],
+            "fractions": [1.0],
+            "ratios": [0, 1],
+            "seeds": [0],
+            "arms": ["real"],
+            "segmenter_steps": 2,
+            "n_bootstrap": 10,
+        },
     }
 
 
@@ -90,3 +99,7 @@ def test_two_contrast_dataset_trains_synthesises_and_validates_per_channel(synth
         assert [Path(p).name for p in row["images"]] == [f"{row['id']}_0000.nii.gz", f"{row['id']}_0001.nii.gz"]
         shapes = {read_image(out_dir / p).array.shape for p in row["images"]}
         assert shapes == {(32, 32)}
+
+    # the downstream experiment trains its segmenter and classifier on both channels (real and synthetic)
+    exp = run_stage(cfg, "experiment", device="cpu", track=False).result
+    assert exp is not None and exp.metrics["exp/n_cells"] >= 2
