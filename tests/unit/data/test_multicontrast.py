@@ -48,7 +48,6 @@ def test_two_contrast_cases_load_as_two_channels_in_order(synth, kind: str, tmp_
 def test_single_channel_keys_unchanged_by_multicontrast_support(synth, tmp_path: Path) -> None:
     """A single-channel config's cache key ignores the multi-contrast fields (existing caches stay valid)."""
     from medsynth.data.preprocess import _relevant_config
-
     from medsynth.pipeline.keys import section
 
     cfg = synth.config(synth.raw(synth.msd(n=2)))
