@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from medsynth.config.data import DataConfig
 from medsynth.data.cases import Case
-from medsynth.data.io import ImageData, image_channels, read_image, resample_to
+from medsynth.data.io import ImageData, image_channels, read_channels, read_image, resample_to
 from medsynth.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def read_case_image(case: Case, data: DataConfig) -> ImageData:
                 f"has {n} channel(s) but data.channels lists {c} ({', '.join(data.channels)}); give one file per "
                 "channel (CSV image_0.., nnU-Net X_0000..) or a 4D NIfTI with the channels on its last axis",
             )
-        imgs = [read_image(case.image, "image", channel=k) for k in range(c)]
+        imgs = read_channels(case.image)  # the file read once, split along its last axis
     ref = imgs[0]
     stack = np.stack(
         [ref.array.astype(np.float32)] + [_on_grid(im, ref, k, data.channels) for k, im in enumerate(imgs) if k]

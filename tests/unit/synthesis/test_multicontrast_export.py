@@ -80,3 +80,23 @@ def test_nnunetv2_export_has_every_channel_and_passes_nnunets_check(
         if (m == 2).any() and (m == 1).any():  # the t2 channel shows label 2 bright, label 1 dark; flair does not
             assert float(c1[m == 2].mean()) > float(c1[m == 1].mean()) * 1.5
             assert float(c0[m == 2].mean()) < float(c0[m == 1].mean()) * 1.5
+
+
+def test_writer_writes_one_png_per_channel_and_refuses_a_wrong_channel_count(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from medsynth.synthesis.writer import DatasetWriter, Provenance, SyntheticItem
+
+    prov = Provenance({"x": "0" * 64}, "ddim", 2, 1.0)
+    mask = np.zeros((1, 8, 6), np.uint8)
+    mask[0, 2:5, 2:4] = 1
+    image = np.stack([np.full((8, 6), 0.25), np.full((8, 6), 0.75)]).astype(np.float32)
+    item = SyntheticItem("a", image, mask, np.diag([0.7, 1.2, 1.0]), "src", None, {}, 0, intensity_range=(0.0, 900.0))
+    out = tmp_path / "png"
+    with DatasetWriter(out, {0: "bg", 1: "x"}, provenance=prov, output_format="png", channel_names=["t1", "t2"]) as w:
+        row = w.add(item)
+        with pytest.raises(ValueError, match="expected 2 channels"):
+            w.add(replace(item, item_id="b", image=image[:1]))
+    assert row["images"] == ["images/a_0000.png", "images/a_0001.png"] and row["intensity_range"] is None
+    values = [int(read_image(out / p).array.max()) for p in row["images"]]
+    assert values == [64, 191]  # round(0.25 * 255), round(0.75 * 255): each channel its own file, in order
