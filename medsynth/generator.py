@@ -43,7 +43,7 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 def load_autoencoder(cfg: MedsynthConfig, ckpt: Checkpoint, device: torch.device) -> tuple[torch.nn.Module, float]:
     """Rebuild the autoencoder from a checkpoint (EMA weights when present) and its scale factor."""
-    ae = build_autoencoder(cfg.autoencoder, cfg.preprocess.spatial_dims)
+    ae = build_autoencoder(cfg.autoencoder, cfg.preprocess.spatial_dims, cfg.data.n_channels)
     name = AE_EMA if (ckpt.path / f"{AE_EMA}.safetensors").is_file() else AE
     weights = ckpt.weights(name)
     weights = {k.removeprefix("module."): v for k, v in weights.items() if k != "n_averaged"}

@@ -87,6 +87,17 @@ class Plan:
     notes: dict[str, list[str]] = field(default_factory=dict)
 
 
+def channel_names_of(fp: dict[str, Any]) -> list[str]:
+    """Names of a fingerprint's channels: dataset.json's ``channel_names``/``modality`` when complete, else ch0.."""
+    n = int(fp["channels"])
+    modality = fp.get("modality")
+    given: dict[str, Any] = modality if isinstance(modality, dict) else {}
+    names = [str(given.get(str(k), "")).strip().lower().replace(" ", "_") for k in range(n)]
+    if all(names) and len(set(names)) == n:
+        return names
+    return [f"ch{k}" for k in range(n)]
+
+
 def _round_up(n: float, mult: int) -> int:
     return max(mult, math.ceil(n / mult) * mult)
 
@@ -310,9 +321,10 @@ def plan_config(
         data["label_remap"] = remap
     data["split"] = {"train": 0.7, "val": 0.1, "test": 0.2, "seed": 0}
     if fp["channels"] > 1:
-        data["channel"] = 0
+        data["channels"] = channel_names_of(fp)
         warnings.append(
-            f"{fp['channels']} channels per case: the plan models channel 0 only (set data.channel for another)"
+            f"{fp['channels']} channels per case, modelled jointly as data.channels {data['channels']} "
+            "(names from dataset.json when it has them; set data.channel: K instead to model one contrast)"
         )
 
     cn: dict[str, Any] = {

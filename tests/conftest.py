@@ -91,6 +91,13 @@ def make_slice(seed: int, shape: tuple[int, int] = SHAPE_2D, lesion: bool = True
     return image, mask
 
 
+def multicontrast_channel(image: np.ndarray, mask: np.ndarray, seed: int) -> np.ndarray:
+    """A second contrast of ``image``: label 2 bright, label 1 dark, the rest mid-grey (positive inside the head)."""
+    rng = np.random.default_rng(1000 + seed)
+    level = np.where(mask == 2, 300.0, np.where(mask == 1, 60.0, 150.0))
+    return np.where(image > 0, level + 5.0 * rng.random(image.shape), 0.0).astype(np.float32)
+
+
 class Synth:
     """Writers of tiny datasets and config builders (the fixture ``synth``)."""
 
@@ -151,6 +158,50 @@ class Synth:
                 img, msk = make_slice(10 * p + k, lesion=k % 2 == 0)
                 write_image(root / pid / f"{pid}_{k}.png", img, PNG_AFFINE)
                 write_image(root / pid / f"{pid}_{k}_mask.png", msk, PNG_AFFINE)
+        return root
+
+    def multicontrast(self, kind: str, root: Path | None = None, n: int = 4, dim: int = 3) -> Path:
+        """Two-contrast cases: channel 0 the ellipsoid image, channel 1 a contrast derived from the labels.
+
+        Channel 1 is bright where label 2 is and dark where label 1 is (channel 0 shows no labels), so
+        the channel order can be checked in any cache. ``kind``: ``"csv"`` (manifest with columns
+        ``image_0``, ``image_1``, ``mask``; returns the CSV path), ``"nnunet"`` (``imagesTr/X_0000``,
+        ``X_0001``, ``labelsTr/X``) or ``"nifti4d"`` (``imagesTr/X`` 4D NIfTI with the channels on its
+        last axis). ``dim=2`` gives 32 x 32 slices, ``dim=3`` volumes of :data:`SHAPE_3D`.
+        """
+        root = root or self.tmp / f"mc-{kind}"
+        rows = ["image_0,image_1,mask,patient"]
+        for i in range(n):
+            cid = f"case_{i:03d}"
+            if dim == 2:
+                vol, vmask = make_volume(i, (32, 32, 8))
+                img, msk, aff = vol[..., 3], vmask[..., 3], np.diag([1.0, 1.0, 1.0])
+            else:
+                img, msk = make_volume(i)
+                aff = AFFINE_3D
+            second = multicontrast_channel(img, msk, i)
+            if kind == "csv":
+                write_image(root / cid / "flair.nii.gz", img, aff)
+                write_image(root / cid / "t2.nii.gz", second, aff)
+                write_image(root / cid / "seg.nii.gz", msk, aff)
+                rows.append(f"{cid}/flair.nii.gz,{cid}/t2.nii.gz,{cid}/seg.nii.gz,P{i}")
+            elif kind == "nnunet":
+                write_image(root / "imagesTr" / f"{cid}_0000.nii.gz", img, aff)
+                write_image(root / "imagesTr" / f"{cid}_0001.nii.gz", second, aff)
+                write_image(root / "labelsTr" / f"{cid}.nii.gz", msk, aff)
+            else:
+                import nibabel as nib
+
+                (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+                stack = np.stack([img, second], -1)
+                if dim == 2:
+                    stack = stack[:, :, None, :]
+                a4 = aff if dim == 3 else np.eye(4)
+                nib.save(nib.Nifti1Image(stack.astype(np.float32), a4), str(root / "imagesTr" / f"{cid}.nii.gz"))
+                write_image(root / "labelsTr" / f"{cid}.nii.gz", msk, aff)
+        if kind == "csv":
+            (root / "cases.csv").write_text("\n".join(rows) + "\n")
+            return root / "cases.csv"
         return root
 
     # ----- configs --------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from medsynth.config.base import StrictModel
 
@@ -55,7 +55,15 @@ class DataConfig(StrictModel):
     include: str | None = Field(
         None, description="Regex on case ids: only matching cases are used (e.g. a subset for a quick run)."
     )
-    channel: int | None = Field(None, ge=0, description="Channel to keep from 4D (multi-modal) images.")
+    channel: int | None = Field(
+        None, ge=0, description="Channel to keep from 4D (multi-modal) images (one contrast at a time)."
+    )
+    channels: tuple[str, ...] = Field(
+        (),
+        description="Multi-contrast cases modelled jointly: one name per channel, in order (e.g. [flair, t1c, t2]). "
+        "Channel k is the CSV column image_k, the nnU-Net file X_000k, or index k of a 4D NIfTI's last axis. "
+        "Empty (the default): one channel per case (data.channel picks it from multi-channel data).",
+    )
     labels: dict[int, str] = Field(
         default_factory=dict,
         description="Label vocabulary: mask value → name; 0 must be the background. Empty (the default): read "
@@ -65,6 +73,27 @@ class DataConfig(StrictModel):
         default_factory=dict, description="Mask values mapped before validation, e.g. {255: 1}."
     )
     split: SplitConfig = Field(default_factory=SplitConfig)  # type: ignore[arg-type]
+
+    @property
+    def n_channels(self) -> int:
+        """Image channels per case: ``len(channels)``, or 1 when the cases are read one channel at a time."""
+        return max(len(self.channels), 1)
+
+    @model_serializer(mode="wrap")
+    def _single_channel_as_before(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Leave an empty ``channels`` out of dumps: single-channel configs keep their stage keys and cache keys."""
+        data = handler(self)
+        if isinstance(data, dict) and not self.channels:
+            data.pop("channels", None)
+        return data
+
+    @model_validator(mode="after")
+    def _channels_ok(self) -> DataConfig:
+        if self.channels and self.channel is not None:
+            raise ValueError("set data.channels (all contrasts jointly) or data.channel (one of them), not both")
+        if len(set(self.channels)) != len(self.channels) or any(not c.strip() for c in self.channels):
+            raise ValueError(f"data.channels must be distinct non-empty names, got {list(self.channels)}")
+        return self
 
     @model_validator(mode="after")
     def _labels_ok(self) -> DataConfig:

@@ -36,7 +36,8 @@ class TransformedCase:
     """A case after the geometry and intensity transforms of training (before slicing / crop-pad).
 
     Attributes:
-        image: ``(1, *S')`` normalised image (MetaTensor carrying its affine), or None for a mask alone.
+        image: ``(C, *S')`` normalised image (MetaTensor carrying its affine; C = 1 unless multi-contrast),
+            or None for a mask alone.
         mask: ``(*S')`` int64 labels, the derived label merged in when it is enabled and an image was given.
         original_foreground: ``(*S')`` voxels holding a non-background label of the input mask.
         affine: ``(D+1, D+1)`` RAS affine of the transformed arrays.
@@ -65,7 +66,7 @@ def transform_case(
     place of the image's non-zero voxels, and no label is derived.
 
     Args:
-        image: Raw image ``(*S)`` in the mask's geometry, or None.
+        image: Raw image ``(*S)`` in the mask's geometry, a multi-contrast ``(C, *S)``, or None.
         mask: Remapped integer labels ``(*S)``.
         affine: ``(D+1, D+1)`` RAS affine shared by image and mask.
         pc: Preprocessing config.
@@ -75,9 +76,10 @@ def transform_case(
     """
     ndim = int(np.asarray(mask).ndim)
     stand_in = image if image is not None else (np.asarray(mask) > 0).astype(np.float32)
+    multi = np.asarray(stand_in).ndim == ndim + 1
     d = Compose(geometry_transforms(pc, ndim))(
         {
-            IMAGE: to_meta(np.asarray(stand_in), affine, torch.float32),
+            IMAGE: to_meta(np.asarray(stand_in), affine, torch.float32, channels=multi),
             MASK: to_meta(np.asarray(mask), affine, torch.float32),
         }
     )
@@ -100,11 +102,14 @@ def to_model_grid(
     """Crop/pad a whole transformed case to ``preprocess.spatial_size`` (as training's whole items).
 
     Returns:
-        ``(image (1, *S) float32 or None, mask (1, *S) uint8, affine (D+1, D+1))``.
+        ``(image (C, *S) float32 or None, mask (1, *S) uint8, affine (D+1, D+1))``.
     """
-    image = np.asarray(tc.image[0]) if tc.image is not None else np.zeros(tc.mask.shape, np.float32)
+    image = np.asarray(tc.image) if tc.image is not None else np.zeros((1, *tc.mask.shape), np.float32)
     d = pad_crop_transform(pc.spatial_size)(
-        {IMAGE: to_meta(image, tc.affine, torch.float32), MASK: to_meta(tc.mask, tc.affine, torch.float32)}
+        {
+            IMAGE: to_meta(image, tc.affine, torch.float32, channels=True),
+            MASK: to_meta(tc.mask, tc.affine, torch.float32),
+        }
     )
     img = np.asarray(d[IMAGE], dtype=np.float32) if tc.image is not None else None
     return img, np.asarray(d[MASK]).round().astype(np.uint8), np.asarray(d[MASK].affine, dtype=np.float64)

@@ -24,6 +24,8 @@ class Case:
         image: Image file or DICOM series folder.
         mask: Mask file, or None when the dataset has no mask for this image.
         split: "train", "val" or "test" once assigned (or given by a manifest).
+        extra_images: Files of channels 1.. of a multi-contrast case (``data.channels``); ``image`` is
+            channel 0. Empty for single-channel cases and for 4D files holding every channel.
     """
 
     case_id: str
@@ -31,12 +33,22 @@ class Case:
     image: Path
     mask: Path | None
     split: str | None = None
+    extra_images: tuple[Path, ...] = ()
+
+    @property
+    def images(self) -> tuple[Path, ...]:
+        """Every image file of the case, channel 0 first."""
+        return (self.image, *self.extra_images)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-compatible dict (paths as strings)."""
         d = asdict(self)
         d["image"] = str(self.image)
         d["mask"] = None if self.mask is None else str(self.mask)
+        if self.extra_images:
+            d["extra_images"] = [str(p) for p in self.extra_images]
+        else:  # single-channel cases keep their previous form
+            del d["extra_images"]
         return d
 
 

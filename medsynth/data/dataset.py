@@ -17,7 +17,8 @@ class ArraySet:
     """Items of one split held in memory.
 
     Attributes:
-        images: ``(N, 1, *S)`` float32, normalised intensities (``[0, 1]`` for percentile scaling).
+        images: ``(N, C, *S)`` float32, normalised intensities (``[0, 1]`` for percentile scaling); C = 1
+            unless the cache holds multi-contrast cases (``data.channels``).
         masks: ``(N, 1, *S)`` uint8 label indices.
         affines: ``(N, D+1, D+1)`` float64 RAS affines of the items.
         item_ids: Item ids, in order.
@@ -39,6 +40,28 @@ class ArraySet:
     def num_classes(self) -> int:
         """Number of mask channels of a one-hot encoding (max label + 1)."""
         return max(self.labels) + 1
+
+    @property
+    def n_channels(self) -> int:
+        """Image channels per item (C > 1 for multi-contrast caches)."""
+        return int(self.images.shape[1])
+
+    def one_channel(self) -> ArraySet:
+        """Every channel of every item as its own single-channel item: images ``(N * C, 1, *S)``, item-major.
+
+        Item ids gain a ``#k`` channel suffix when C > 1; a single-channel set is returned as it is.
+        """
+        c = self.n_channels
+        if c == 1:
+            return self
+        return ArraySet(
+            self.images.reshape(-1, 1, *self.images.shape[2:]),
+            self.masks.repeat_interleave(c, 0),
+            np.repeat(self.affines, c, 0),
+            [f"{i}#{k}" for i in self.item_ids for k in range(c)],
+            [p for p in self.patients for _ in range(c)],
+            self.labels,
+        )
 
     def subset(self, index: list[int] | np.ndarray) -> ArraySet:
         """The items at ``index`` (in that order)."""

@@ -159,8 +159,8 @@ def _problems(fp: dict[str, Any], rows: list[dict[str, Any]], cases: list[Case],
         )
     if fp["channels"] > 1:
         probs.append(
-            f"{fp['channels']} channels per case: modelled one channel at a time (data.channel); "
-            "joint multi-contrast modelling is not supported yet"
+            f"{fp['channels']} channels per case: the plan models them jointly (data.channels); "
+            "data.channel: K models one of them instead"
         )
     n_pat = fp["n_patients"]
     if n_pat < 10:

@@ -36,11 +36,14 @@ class ImageData:
         array: Voxel values, shape ``(X, Y)`` or ``(X, Y, Z)``; float32 for images, int64 for masks.
         affine: RAS affine, shape ``(D+1, D+1)``, voxel index → world millimetres.
         path: The file (or DICOM folder) it came from.
+        channels: Every channel of a multi-contrast case ``(C, *S)`` float32 on ``array``'s grid (``array``
+            is channel 0), or None for a single-channel image (see :mod:`medsynth.data.channels`).
     """
 
     array: npt.NDArray[np.generic]
     affine: npt.NDArray[np.float64]
     path: Path
+    channels: npt.NDArray[np.float32] | None = None
 
     @property
     def ndim(self) -> int:
@@ -188,6 +191,36 @@ def read_image(path: str | Path, kind: Kind = "image", channel: int | None = Non
         if not 0 <= channel < arr.shape[-1]:
             raise DataError(p, f"has {arr.shape[-1]} channels; channel {channel} does not exist")
         arr = arr[..., channel]
+    return _finish(p, arr, affine, kind)
+
+
+def read_channels(path: str | Path) -> list[ImageData]:
+    """Every channel of a 4D (multi-contrast) image, reading the file once; a 2D/3D image gives one.
+
+    Args:
+        path: An image file; a 4D NIfTI holds its channels on the last axis.
+
+    Returns:
+        One float32 :class:`ImageData` per channel, in order, all with the file's geometry.
+
+    Raises:
+        DataError: As :func:`read_image`.
+    """
+    p = Path(path)
+    if not (p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)):
+        return [read_image(p, "image")]
+    try:
+        arr, affine = _read_nifti(p, "image")
+    except Exception as exc:
+        detail = " ".join(str(exc).split())
+        raise DataError(p, f"cannot read file ({type(exc).__name__}: {detail})") from exc
+    if arr.ndim != 4:
+        return [_finish(p, arr, affine, "image")]
+    return [_finish(p, np.ascontiguousarray(arr[..., k]), affine, "image") for k in range(arr.shape[-1])]
+
+
+def _finish(p: Path, arr: npt.NDArray[np.generic], affine: npt.NDArray[np.float64], kind: Kind) -> ImageData:
+    """A read 2D/3D array as :class:`ImageData`: dimensions checked, affine trimmed, values typed."""
     if arr.ndim == 3 and arr.shape[-1] == 1 and affine.shape[0] == 3:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3):

@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from medsynth.config.data import DataConfig
@@ -113,6 +113,7 @@ def _msd(cfg: DataConfig, root: Path) -> tuple[list[Case], list[Path]]:
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     meta_path = root / "dataset.json"
     pairs: list[tuple[str, Path, Path | None]] = []
+    extra: dict[str, tuple[Path, ...]] = {}
     meta = {}
     if meta_path.is_file():
         try:
@@ -135,21 +136,35 @@ def _msd(cfg: DataConfig, root: Path) -> tuple[list[Case], list[Path]]:
         want = cfg.channel if cfg.channel is not None else 0
         labels = {stem(p): p for p in _image_entries(labels_dir)} if labels_dir.is_dir() else {}
         all_ids: set[str] = set()
+        files: dict[tuple[str, int], Path] = {}
         for img in _image_entries(images_dir):
             s = stem(img)
             m = _CHANNEL.match(s)
             if m:
                 all_ids.add(m.group("id"))
+                files[(m.group("id"), int(m.group("ch")))] = img
                 if int(m.group("ch")) != want:
                     continue
                 s = m.group("id")
             all_ids.add(s)
             pairs.append((s, img, labels.get(s)))
         orphans = [p for s, p in sorted(labels.items()) if s not in all_ids]
+        if cfg.n_channels > 1:  # nnU-Net's X_0000, X_0001, ...: channel 0 names the case, the rest join it
+            for s, img, _ in pairs:
+                missing = [k for k in range(1, cfg.n_channels) if (s, k) not in files]
+                if _CHANNEL.match(stem(img)) and missing:
+                    raise DataError(
+                        img,
+                        f"case {s!r} has no channel {missing[0]} file {s}_{missing[0]:04d} "
+                        f"(data.channels lists {cfg.n_channels}: {', '.join(cfg.channels)})",
+                    )
+            extra = {s: tuple(files[(s, k)] for k in range(1, cfg.n_channels)) for s, _, _ in pairs if (s, 1) in files}
     cases = [
         Case(s, s if not cfg.patient_regex else _patient(cfg, root, img, s, images_dir), img, lab)
         for s, img, lab in sorted(pairs, key=lambda t: t[0])
     ]
+    if extra:
+        cases = [replace(c, extra_images=extra.get(c.case_id, ())) for c in cases]
     return cases, orphans
 
 
@@ -195,8 +210,9 @@ def _paired(cfg: DataConfig, root: Path) -> tuple[list[Case], list[Path]]:
 def csv_image_column(cols: set[str], channel: int | None, path: Path) -> str:
     """The image column of a manifest: ``image``, or ``image_<k>`` of a multi-contrast manifest.
 
-    Multi-contrast manifests (``image_0``, ``image_1``, ...) are read one channel at a time, like
-    nnU-Net's ``_0000``/``_0001`` files: ``data.channel`` picks the column (default 0).
+    Multi-contrast manifests (``image_0``, ``image_1``, ...) read one channel at a time, like
+    nnU-Net's ``_0000``/``_0001`` files, use ``data.channel`` to pick the column (default 0); with
+    ``data.channels`` every column is read (:func:`csv_channel_columns`).
     """
     channels = sorted(c for c in cols if re.fullmatch(r"image_\d+", c))
     if "image" in cols and (channel is None or not channels):
@@ -209,24 +225,49 @@ def csv_image_column(cols: set[str], channel: int | None, path: Path) -> str:
     raise DataError(path, f"CSV manifest needs columns 'image' and 'mask' (has {sorted(cols)})")
 
 
+def csv_channel_columns(cols: set[str], cfg: DataConfig, path: Path) -> list[str]:
+    """The image columns of a multi-contrast manifest read jointly: ``image_0`` .. ``image_{C-1}``.
+
+    A single-contrast config (no ``data.channels``) gives the one column of :func:`csv_image_column`.
+
+    Raises:
+        DataError: A channel of ``data.channels`` has no column (naming the manifest).
+    """
+    if cfg.n_channels == 1:
+        return [csv_image_column(cols, cfg.channel, path)]
+    want = [f"image_{k}" for k in range(cfg.n_channels)]
+    missing = [c for c in want if c not in cols]
+    if missing:
+        raise DataError(
+            path,
+            f"data.channels lists {cfg.n_channels} contrasts ({', '.join(cfg.channels)}) but the manifest has no "
+            f"column {missing[0]!r} (has {sorted(cols)})",
+        )
+    return want
+
+
 def _csv(cfg: DataConfig, path: Path) -> list[Case]:
     if not path.is_file():
         raise DataError(path, "CSV manifest does not exist")
     base = path.parent
     rows: list[tuple[int, Path, Path | None, str | None, str | None]] = []
+    extras: list[tuple[Path, ...]] = []
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         cols = set(reader.fieldnames or [])
-        image_col = csv_image_column(cols, cfg.channel, path)
+        image_cols = csv_channel_columns(cols, cfg, path)
+        image_col = image_cols[0]
         if "mask" not in cols:
             raise DataError(path, f"CSV manifest needs columns 'image' and 'mask' (has {sorted(cols)})")
         for i, row in enumerate(reader, start=2):
-            if not row.get(image_col):
-                what = f" (mask {row['mask']!r} has no image)" if row.get("mask") else ""
-                raise DataError(path, f"line {i}: empty {image_col!r} column{what}")
+            for col in image_cols:
+                if not row.get(col):
+                    what = f" (mask {row['mask']!r} has no image)" if row.get("mask") else ""
+                    raise DataError(path, f"line {i}: empty {col!r} column{what}")
             named = _absolute(base / row[image_col])  # the name as listed: symlinks are not followed for ids
             mask = (base / row["mask"]).resolve() if row.get("mask") else None
             rows.append((i, named, mask, row.get("patient") or None, row.get("split") or None))
+            extras.append(tuple((base / row[c]).resolve() for c in image_cols[1:]))
     stems = [stem(named) for _, named, _, _, _ in rows]
     qualifiers = [[pid] if pid else [named.parent.name] for _, named, _, pid, _ in rows]
     ids = unique_ids(stems, qualifiers)
@@ -244,8 +285,8 @@ def _csv(cfg: DataConfig, path: Path) -> list[Case]:
             raise DataError(path, f"lines {seen[cid]} and {line} both give case id {cid!r} (image {named.name})")
         seen[cid] = line
     return [
-        Case(cid, pid or cid, named.resolve(), mask, split)
-        for (_, named, mask, pid, split), cid in zip(rows, ids, strict=True)
+        Case(cid, pid or cid, named.resolve(), mask, split, extra)
+        for (_, named, mask, pid, split), cid, extra in zip(rows, ids, extras, strict=True)
     ]
 
 

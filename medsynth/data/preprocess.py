@@ -2,7 +2,8 @@
 
 Cache layout (under ``cache_dir``)::
 
-    cases/<case_id>.npz   image (N, 1, *S) float32, mask (N, 1, *S) uint8, affine (N, D+1, D+1)
+    cases/<case_id>.npz   image (N, C, *S) float32 (C = len(data.channels), else 1), mask (N, 1, *S) uint8,
+                          affine (N, D+1, D+1)
     cases/<case_id>.json  cache key, input hashes, QC outcome, item records
     manifest.json         every item: id, case, patient, split, file, index, shape, label counts, hash
     splits.json           patient → split
@@ -46,7 +47,7 @@ from medsynth.progress import NullProgress, Progress
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 Item = tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.float64], int | None]
-"""One cached item: image (1, *S) float32, mask (1, *S) uint8, affine (D+1, D+1), slice/crop index."""
+"""One cached item: image (C, *S) float32, mask (1, *S) uint8, affine (D+1, D+1), slice/crop index."""
 MANIFEST = "manifest.json"
 
 
@@ -123,6 +124,8 @@ def _relevant_config(cfg: MedsynthConfig) -> dict[str, Any]:
         "label_remap": {str(k): v for k, v in cfg.data.label_remap.items()},
         "channel": cfg.data.channel,
         "qc": {"tol": cfg.qc.geometry_tolerance, "constant": cfg.qc.check_constant},
+        # multi-contrast configs only, so that single-channel caches keep their keys
+        **({"channels": list(cfg.data.channels)} if cfg.data.channels else {}),
     }
 
 
@@ -164,17 +167,22 @@ def plan(cfg: MedsynthConfig, cache_dir: Path | None = None) -> PreprocessPlan:
         meta_path = cache / "cases" / f"{case.case_id}.json"
         old = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else None
         old_inputs = old.get("inputs", {}) if old else {}
-        inputs = {
+        inputs: dict[str, Any] = {
             "image": _file_hash(case.image, old_inputs.get("image")),
             "mask": _file_hash(case.mask, old_inputs.get("mask")),
         }
-        key = sha256_json(
-            {
-                "config": relevant,
-                "image": (inputs["image"] or {}).get("sha256"),
-                "mask": (inputs["mask"] or {}).get("sha256"),
-            }
-        )
+        keyed: dict[str, Any] = {
+            "config": relevant,
+            "image": (inputs["image"] or {}).get("sha256"),
+            "mask": (inputs["mask"] or {}).get("sha256"),
+        }
+        if case.extra_images:  # channels 1.. of a multi-contrast case (absent for single-channel keys)
+            olds = old_inputs.get("extra_images") or []
+            inputs["extra_images"] = [
+                _file_hash(p, olds[i] if i < len(olds) else None) for i, p in enumerate(case.extra_images)
+            ]
+            keyed["extra_images"] = [(h or {}).get("sha256") for h in inputs["extra_images"]]
+        key = sha256_json(keyed)
         cached = None
         if old and old.get("key") == key:
             files_ok = all((cache / it["file"]).is_file() for it in old.get("items", []))
@@ -200,7 +208,7 @@ def _items_2d(
     cfg: MedsynthConfig,
     case: Case,
 ) -> list[Item]:
-    """Slices of a processed case: ``(image (1,H,W), mask (1,H,W), affine 3x3, slice index)``."""
+    """Slices of a processed case: ``(image (C,H,W), mask (1,H,W), affine 3x3, slice index)``."""
     pc = cfg.preprocess
     rng = np.random.default_rng([pc.seed, *case.case_id.encode()])
     if image.ndim == 3:  # a 2D input is one slice
@@ -221,7 +229,12 @@ def _items_2d(
             continue
         if n_fg < pc.slices.min_foreground and rng.random() >= pc.slices.keep_empty_fraction:
             continue
-        d = pad({IMAGE: to_meta(im[0].numpy(), aff, torch.float32), MASK: to_meta(mk[0].numpy(), aff, torch.float32)})
+        d = pad(
+            {
+                IMAGE: to_meta(im.numpy(), aff, torch.float32, channels=True),
+                MASK: to_meta(mk[0].numpy(), aff, torch.float32),
+            }
+        )
         out.append(
             (
                 np.asarray(d[IMAGE], dtype=np.float32),
@@ -238,7 +251,10 @@ def _items_3d(
 ) -> list[Item]:
     pc = cfg.preprocess
     d = pad_crop_transform(pc.spatial_size)(
-        {IMAGE: to_meta(image[0].numpy(), affine, torch.float32), MASK: to_meta(mask[0].numpy(), affine, torch.float32)}
+        {
+            IMAGE: to_meta(image.numpy(), affine, torch.float32, channels=True),
+            MASK: to_meta(mask[0].numpy(), affine, torch.float32),
+        }
     )
     samples: list[Any]
     if pc.crop_mode == "whole":
@@ -278,7 +294,7 @@ def process_case(w: CaseWork, cfg: MedsynthConfig, staging: Path) -> CaseResult:
     if not qc.ok or img is None or remapped is None:
         return CaseResult(w.case, meta, meta["qc"])
     pc = cfg.preprocess
-    tc = transform_case(img.array, remapped, img.affine, pc)
+    tc = transform_case(img.array if img.channels is None else img.channels, remapped, img.affine, pc)
     assert tc.image is not None
     image, mask_np, orig_fg, affine = tc.image, tc.mask, tc.original_foreground, tc.affine
     mask_t = torch.as_tensor(mask_np[None], dtype=torch.float32)
@@ -396,6 +412,7 @@ def commit(
         "data_labels": {str(k): v for k, v in sorted(cfg.data.labels.items())},
         "labels_source": plan_.vocabulary.to_json() if plan_.vocabulary else None,
         "spatial_dims": cfg.preprocess.spatial_dims,
+        **({"channels": list(cfg.data.channels)} if cfg.data.channels else {}),
         "splits": split_summary(cases),
         "n_items": len(items),
         "items": items,

@@ -11,6 +11,7 @@ import numpy.typing as npt
 from medsynth.config.data import DataConfig
 from medsynth.config.preprocess import QCConfig
 from medsynth.data.cases import Case
+from medsynth.data.channels import read_case_image
 from medsynth.data.io import ImageData, read_image, spacing_from_affine
 from medsynth.data.labels import remap_and_validate
 from medsynth.errors import DataError
@@ -136,9 +137,9 @@ def load_and_check(
         ``(qc, image, remapped_mask)``; image/mask are None when unreadable or invalid.
     """
     try:
-        img = read_image(case.image, "image", channel=data_cfg.channel)
+        img = read_case_image(case, data_cfg)
     except DataError as exc:
-        return CaseQC(case, [("unreadable", str(case.image), exc.problem)]), None, None
+        return CaseQC(case, [("unreadable", str(exc.path), exc.problem)]), None, None
     mask = None
     if case.mask is not None:
         try:
@@ -147,4 +148,11 @@ def load_and_check(
             qc = CaseQC(case, [("unreadable", str(case.mask), exc.problem)])
             return qc, img, None
     qc, remapped = check_pair(img, mask, case, data_cfg, qc_cfg)
+    if img.channels is not None:  # channels 1..: on channel 0's grid already; their values checked here
+        for k in range(1, img.channels.shape[0]):
+            bad = int((~np.isfinite(img.channels[k])).sum())
+            if bad:
+                qc.add(
+                    "non_finite", case.images[min(k, len(case.images) - 1)], f"channel {k} holds {bad} NaN/Inf voxels"
+                )
     return qc, img, remapped

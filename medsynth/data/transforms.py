@@ -27,11 +27,12 @@ IMAGE, MASK = "image", "mask"
 
 
 class ForegroundPercentileScaled(MapTransform):
-    """Clip to percentiles computed over non-zero voxels and scale to [0, 1].
+    """Clip to percentiles computed over non-zero voxels and scale to [0, 1], each channel on its own.
 
     MONAI's ``ScaleIntensityRangePercentilesd`` computes percentiles over every voxel, which in
     head MRI is mostly empty background; this variant uses only voxels > 0 (the head), so the
-    upper percentile tracks tissue, not air. Zero (background) voxels stay at 0.
+    upper percentile tracks tissue, not air. Zero (background) voxels stay at 0. The channels of a
+    multi-contrast image (FLAIR, T1c, ...) have unrelated scales: each gets its own percentiles.
 
     Args:
         keys: Keys of the images to scale, each ``(C, *spatial)``.
@@ -47,12 +48,17 @@ class ForegroundPercentileScaled(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             x = d[key]
-            rng = foreground_percentiles(x, self.lower, self.upper)
-            if rng is None:
-                continue
-            lo, hi = rng
-            scaled = ((x - lo) / max(hi - lo, 1e-8)).clamp(0.0, 1.0)
-            d[key] = torch.where(x > 0, scaled, torch.zeros_like(scaled))
+            chans = []
+            for c in range(x.shape[0]):
+                xc = x[c : c + 1]
+                rng = foreground_percentiles(xc, self.lower, self.upper)
+                if rng is None:
+                    chans.append(xc)
+                    continue
+                lo, hi = rng
+                scaled = ((xc - lo) / max(hi - lo, 1e-8)).clamp(0.0, 1.0)
+                chans.append(torch.where(xc > 0, scaled, torch.zeros_like(scaled)))
+            d[key] = chans[0] if len(chans) == 1 else torch.cat(chans, 0)
         return d
 
 
@@ -68,14 +74,16 @@ def foreground_percentiles(x: torch.Tensor, lower: float, upper: float) -> tuple
 def intensity_source_range(image: torch.Tensor, cfg: IntensityConfig) -> tuple[float, float] | None:
     """The source intensities that :func:`intensity_transform` maps to 0 and 1 for this image.
 
-    ``image`` is the volume as the intensity transform receives it (after the geometry transforms).
-    Model intensity ``x`` in ``[0, 1]`` corresponds to ``lo + x * (hi - lo)`` of the source scale.
+    ``image`` is the volume as the intensity transform receives it (after the geometry transforms),
+    ``(C, *S)``: the range is channel 0's (each channel has its own). Model intensity ``x`` in
+    ``[0, 1]`` corresponds to ``lo + x * (hi - lo)`` of the source scale.
 
     Returns:
         ``(lo, hi)`` for the percentile method; None for z-scoring (no bounded inverse) or an empty image.
     """
     if cfg.method != "percentile":
         return None
+    image = image[:1]
     if cfg.within_foreground:
         return foreground_percentiles(image, cfg.lower, cfg.upper)
     flat = image.detach().float().reshape(-1).numpy()
@@ -85,12 +93,14 @@ def intensity_source_range(image: torch.Tensor, cfg: IntensityConfig) -> tuple[f
 
 
 def intensity_transform(cfg: IntensityConfig) -> MapTransform:
-    """The per-volume intensity normalisation chosen by ``cfg`` (applies to the image only)."""
+    """The per-volume intensity normalisation chosen by ``cfg`` (the image only; each channel on its own)."""
     if cfg.method == "zscore":
-        return NormalizeIntensityd(IMAGE, nonzero=cfg.within_foreground)
+        return NormalizeIntensityd(IMAGE, nonzero=cfg.within_foreground, channel_wise=True)
     if cfg.within_foreground:
         return ForegroundPercentileScaled(IMAGE, cfg.lower, cfg.upper)
-    return ScaleIntensityRangePercentilesd(IMAGE, cfg.lower, cfg.upper, b_min=0.0, b_max=1.0, clip=True)
+    return ScaleIntensityRangePercentilesd(
+        IMAGE, cfg.lower, cfg.upper, b_min=0.0, b_max=1.0, clip=True, channel_wise=True
+    )
 
 
 def geometry_transforms(cfg: PreprocessConfig, ndim: int) -> list[MapTransform]:
@@ -135,6 +145,10 @@ def volume_pipeline(cfg: PreprocessConfig, ndim: int) -> Compose:
     return Compose([*geometry_transforms(cfg, ndim), intensity_transform(cfg.intensity)])
 
 
-def to_meta(array: np.ndarray, affine: np.ndarray, dtype: torch.dtype) -> MetaTensor:
-    """Wrap a spatial array ``(*S)`` as a channel-first ``MetaTensor (1, *S)`` carrying ``affine``."""
-    return MetaTensor(torch.as_tensor(np.ascontiguousarray(array), dtype=dtype)[None], affine=torch.as_tensor(affine))
+def to_meta(array: np.ndarray, affine: np.ndarray, dtype: torch.dtype, channels: bool = False) -> MetaTensor:
+    """Wrap a spatial array ``(*S)`` as a channel-first ``MetaTensor (1, *S)`` carrying ``affine``.
+
+    With ``channels`` the array is already channel-first ``(C, *S)`` and is wrapped as it is.
+    """
+    t = torch.as_tensor(np.ascontiguousarray(array), dtype=dtype)
+    return MetaTensor(t if channels else t[None], affine=torch.as_tensor(affine))

@@ -61,17 +61,20 @@ __all__ = [
 ]
 
 
-def build_classifier(cfg: ExperimentConfig, spatial_dims: int) -> torch.nn.Module:
-    """A fresh MONAI classifier with one input channel and one output logit (never pretrained).
+def build_classifier(cfg: ExperimentConfig, spatial_dims: int, in_channels: int = 1) -> torch.nn.Module:
+    """A fresh MONAI classifier with one output logit (never pretrained).
 
     Args:
         cfg: The experiment section (``classifier``, ``resnet_widths``, ``resnet_conv1_stride``).
         spatial_dims: 2 or 3.
+        in_channels: Image channels (the contrasts of a multi-contrast dataset).
     """
     if cfg.classifier == "densenet121":
         from monai.networks.nets import DenseNet121
 
-        dense: torch.nn.Module = DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=1, pretrained=False)
+        dense: torch.nn.Module = DenseNet121(
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1, pretrained=False
+        )
         return dense
     from monai.networks.nets import ResNet
 
@@ -80,7 +83,7 @@ def build_classifier(cfg: ExperimentConfig, spatial_dims: int) -> torch.nn.Modul
         layers=[1, 1, 1, 1],
         block_inplanes=list(cfg.resnet_widths),
         spatial_dims=spatial_dims,
-        n_input_channels=1,
+        n_input_channels=in_channels,
         conv1_t_size=7,
         conv1_t_stride=cfg.resnet_conv1_stride,
         num_classes=1,
@@ -225,7 +228,7 @@ def train_classifier(
     if cfg.balance == "pos_weight" and n_pos > 0 and n_neg > 0:
         pos_weight = torch.tensor([n_neg / n_pos], device=dev)
     torch.manual_seed(int(np.random.default_rng([seed, 3]).integers(2**62)))
-    net = build_classifier(cfg, images.ndim - 2).to(dev)
+    net = build_classifier(cfg, images.ndim - 2, int(images.shape[1])).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
     sched, on_eval = make_schedule(opt, oc.warmup_steps, oc.steps, cfg.convergence)
     scaler = make_scaler(dev, oc.amp)  # fp16 (pre-Ampere GPU) needs loss scaling

@@ -159,9 +159,9 @@ def train_feature_encoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: Stage
         return StageResult(ctx.run_dir, done_ckpt.path, metrics_of(done_ckpt))
     set_threads(oc.num_threads)
     dev = ctx.device
-    train = load_split(cache_dir, "train")
+    train = load_split(cache_dir, "train").one_channel()  # one contrast at a time (per-channel realism)
     try:
-        val: ArraySet = load_split(cache_dir, "val")
+        val: ArraySet = load_split(cache_dir, "val").one_channel()
     except DataError:
         val = train
     save_resolved(cfg, ctx.run_dir)
@@ -262,7 +262,15 @@ def load_feature_encoder(
 
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """``(N, F)`` float64 CPU features of ``images`` ``(N, 1, *S)`` (``encoder.features`` when it has one)."""
+    """``(N, F)`` float64 CPU features of ``images`` ``(N, 1, *S)`` (``encoder.features`` when it has one).
+
+    Multi-contrast images ``(N, C, *S)`` give the features of each channel side by side, ``(N, C * F)``
+    (the encoder sees one contrast at a time).
+    """
+    if images.ndim > 2 and images.shape[1] > 1:
+        return torch.cat(
+            [extract_features(encoder, images[:, k : k + 1], batch_size) for k in range(images.shape[1])], 1
+        )
     fn = getattr(encoder, "features", encoder)
     dev = next(encoder.parameters()).device if any(True for _ in encoder.parameters()) else torch.device("cpu")
     encoder.eval()

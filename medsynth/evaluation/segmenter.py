@@ -97,7 +97,7 @@ def build_segmenter(cfg: MedsynthConfig, num_classes: int) -> torch.nn.Module:
     sc = cfg.segmenter
     net: torch.nn.Module = UNet(
         spatial_dims=cfg.preprocess.spatial_dims,
-        in_channels=1,
+        in_channels=cfg.data.n_channels,  # every contrast of a multi-contrast case is an input
         out_channels=num_classes,
         channels=tuple(sc.channels),
         strides=tuple(sc.strides),

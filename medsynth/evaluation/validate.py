@@ -144,6 +144,23 @@ def _summary_md(cfg: MedsynthConfig, rep: dict[str, Any]) -> str:
         f"- fraction of synthetic images closer to a training image than the {cfg.validation.memorisation_percentile}"
         f"th percentile of real test images: {format_value(mm.get('fraction_flagged'), 4, mm.get('na', 'n/a'))}",
     ]
+    if rep.get("per_channel"):  # multi-contrast: the headline numbers above are channel 0 (realism: all channels)
+        lines += [
+            "",
+            "## Per channel",
+            "",
+            "| channel | FID | KID | AE PSNR (dB) | lesion contrast ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for name, ch in rep["per_channel"].items():
+            r = ch["realism"]
+            first: dict[str, Any] = next(iter(ch["contrast"].values()), {})
+            ratio = first.get("ratio")
+            lines.append(
+                f"| {name} | {format_value(r.get('fid'), 3, r.get('na', 'n/a'))} | "
+                f"{format_value(r.get('kid_mean'), 4, r.get('na', 'n/a'))} | {ch['autoencoder_psnr_db']:.2f} | "
+                f"{format_estimate(ratio) if isinstance(ratio, dict) else format_value(ratio)} |"
+            )
     if rep.get("external"):
         lines += _external_md(rep["external"])
     return "\n".join(lines) + "\n"
@@ -242,9 +259,17 @@ def run_validation(
     reference = contrast_reference(cfg)
     lesion_only = {lesion: labels.get(lesion, str(lesion))}
 
-    def contrast_of(images: torch.Tensor) -> dict[str, Any]:
+    def contrast_of(images: torch.Tensor, k: int = 0) -> dict[str, Any]:  # channel k (0: the headline channel)
         return contrast_report(
-            test.images, images, test.masks, test.patients, lesion_only, reference, vc.n_bootstrap, vc.seed, vc.ci
+            test.images[:, k : k + 1],
+            images[:, k : k + 1],
+            test.masks,
+            test.patients,
+            lesion_only,
+            reference,
+            vc.n_bootstrap,
+            vc.seed,
+            vc.ci,
         )
 
     contrast = contrast_of(synth)
@@ -281,7 +306,33 @@ def run_validation(
         kid_subsets=vc.kid_subsets,
         seed=vc.seed,
     )
-    wass = per_label_wasserstein(test.images, test.masks, synth, test.masks, labels, bins=vc.intensity_bins)
+    wass = per_label_wasserstein(
+        test.images[:, :1], test.masks, synth[:, :1], test.masks, labels, bins=vc.intensity_bins
+    )
+    per_channel: dict[str, Any] = {}
+    if test.n_channels > 1:  # multi-contrast: realism, contrast and intensities of every channel on its own
+        from medsynth.training.autoencoder import psnr
+
+        names = cfg.data.channels or tuple(str(k) for k in range(test.n_channels))
+        train_ref = train.images[: min(half, len(test))]
+        for k, name in enumerate(names):
+            sl = slice(k, k + 1)
+            per_channel[name] = {
+                "realism": realism_report(
+                    extract_features(enc, test.images[:, sl]),
+                    extract_features(enc, synth[:, sl]),
+                    extract_features(enc, train_ref[:, sl]) if half else None,
+                    kid_subset_size=max(min(vc.kid_subset_size, len(test)), 1),
+                    kid_subsets=vc.kid_subsets,
+                    seed=vc.seed,
+                ),
+                "contrast": contrast_of(synth, k),
+                "contrast_autoencoder": contrast_of(recon, k),
+                "intensity_wasserstein": per_label_wasserstein(
+                    test.images[:, sl], test.masks, synth[:, sl], test.masks, labels, bins=vc.intensity_bins
+                ),
+                "autoencoder_psnr_db": psnr(recon[:, sl], test.images[:, sl]),
+            }
 
     # --- diversity: several seeds for masks with the highest label present ---
     has = [i for i in range(len(test)) if bool((test.masks[i] == lesion).any())] or list(range(len(test)))
@@ -339,6 +390,7 @@ def run_validation(
         "intensity_wasserstein": wass,
         "diversity": diversity,
         "memorisation": mem.summary,
+        **({"per_channel": per_channel} if per_channel else {}),
     }
     if external is not None:
         report["external"] = external

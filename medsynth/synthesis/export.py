@@ -1,13 +1,14 @@
 """Export the augmented dataset (synthetic, optionally with the real training cases) where segmenters train.
 
-Formats (every image/label is NIfTI ``.nii.gz``; one channel per case)::
+Formats (every image/label is NIfTI ``.nii.gz``; one image file per channel: multi-contrast
+configs (``data.channels``) export every channel, named in ``channel_names``/``modality``)::
 
-    nnunetv2  imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, dataset.json (channel_names, labels
-              name -> index, numTraining, file_ending): an nnU-Net v2 raw dataset (put it at
-              $nnUNet_raw/DatasetNNN_Name)
-    msd       imagesTr/<case>.nii.gz, labelsTr/<case>.nii.gz, dataset.json (MSD v1: modality, labels
-              index -> name, training list)
-    folder    images/<case>.nii.gz, labels/<case>.nii.gz (medsynth's paired layout)
+    nnunetv2  imagesTr/<case>_0000.nii.gz (_0001... for more channels), labelsTr/<case>.nii.gz,
+              dataset.json (channel_names, labels name -> index, numTraining, file_ending): an nnU-Net v2
+              raw dataset (put it at $nnUNet_raw/DatasetNNN_Name)
+    msd       imagesTr/<case>.nii.gz (<case>_0000.nii.gz... for more channels), labelsTr/<case>.nii.gz,
+              dataset.json (MSD v1: modality, labels index -> name, training list of channel 0)
+    folder    images/<case>.nii.gz (<case>_0000.nii.gz...), labels/<case>.nii.gz (medsynth's paired layout)
 
 Every format also holds ``provenance.csv``: one row per case (real or synthetic, source mask, edit,
 seed, model hashes, geometry, intensity space).
@@ -44,6 +45,8 @@ import numpy.typing as npt
 
 from medsynth.config.schema import MedsynthConfig
 from medsynth.data.case_transform import transform_case
+from medsynth.data.cases import Case
+from medsynth.data.channels import read_case_image
 from medsynth.data.io import read_image, write_image
 from medsynth.data.labels import remap_and_validate
 from medsynth.data.preprocess import load_manifest
@@ -83,6 +86,7 @@ _COLUMNS = (
 )
 
 Arrays = tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.float64]]
+"""``(image (*S) or multi-contrast (C, *S), mask (*S), affine (D+1, D+1))``."""
 
 
 @dataclass(frozen=True)
@@ -166,16 +170,26 @@ class _Cache:
             raise DataError(self.dir / "cases", f"case {it['case_id']} has no mask file")
         return Path(case["image"]), Path(case["mask"])
 
+    def case(self, item_id: str) -> Case:
+        """The case (every image file, channel 0 first) an item came from."""
+        it = self.items[item_id]
+        meta = json.loads((self.dir / "cases" / f"{it['case_id']}.json").read_text(encoding="utf-8"))
+        c = meta["case"]
+        extra = tuple(Path(p) for p in c.get("extra_images") or [])
+        return Case(str(c["case_id"]), str(c["patient_id"]), Path(c["image"]), Path(c["mask"]), None, extra)
+
     def whole(self, item_id: str) -> bool:
         """True when the item is its whole case (not a slice of a volume or a random crop)."""
         return self.items[item_id].get("slice") is None
 
     def arrays(self, item_id: str) -> Arrays:
-        """The cached ``(image (*S), mask (*S), affine)`` of an item (model grid, training scale)."""
+        """The cached ``(image (*S) or (C, *S), mask (*S), affine)`` of an item (model grid, training scale)."""
         it = self.items[item_id]
         with np.load(self.dir / str(it["file"])) as z:
             i = int(it["index"])
-            return z["image"][i][0].astype(np.float32), z["mask"][i][0].astype(np.uint8), z["affine"][i]
+            im = z["image"][i]
+            im = im[0] if im.shape[0] == 1 else im
+            return im.astype(np.float32), z["mask"][i][0].astype(np.uint8), z["affine"][i]
 
 
 def _cache_native(cfg: MedsynthConfig, cache: _Cache, item_id: str, where: str) -> NativeGeometry:
@@ -194,6 +208,8 @@ def _cache_native(cfg: MedsynthConfig, cache: _Cache, item_id: str, where: str) 
 
 def _cache_source_range(cfg: MedsynthConfig, cache: _Cache, item_id: str) -> tuple[float, float] | None:
     """The source intensities a cached whole case's normalisation mapped to 0 and 1 (training's own transform)."""
+    if cfg.data.n_channels > 1:  # one range per contrast: synthetic multi-contrast cases stay on [0, 1]
+        return None
     image_path, mask_path = cache.case_files(item_id)
     img = read_image(image_path, kind="image", channel=cfg.data.channel)
     mask = remap_and_validate(read_image(mask_path, kind="mask", channel=cfg.data.channel).array, cfg.data, mask_path)
@@ -224,13 +240,16 @@ def _synthetic_cases(
                 src_range = src_range or _cache_source_range(cfg, cache(), str(row["source_id"]))
         elif geometry == "native":
             target = NativeGeometry(tuple(int(s) for s in model["shape"]), np.asarray(model["affine"]), "model grid")
-        rng = tuple(float(v) for v in src_range) if native and src_range else None
+        multi = len(row.get("images") or []) > 1
+        rng = tuple(float(v) for v in src_range) if native and src_range and not multi else None
 
         def load(row: dict[str, Any] = row, target: NativeGeometry | None = target, rng: Any = rng) -> Arrays:
-            img = read_image(synthetic_dir / row["image"])
+            files = row.get("images") or [row["image"]]
+            chans = [read_image(synthetic_dir / f).array.astype(np.float32) for f in files]
             msk = read_image(synthetic_dir / row["mask"], kind="mask")
-            x, m, aff = _model_scale(row, img.array.astype(np.float32)), msk.array.astype(np.uint8), msk.affine
-            if target is not None and not (x.shape == target.shape and np.allclose(aff, target.affine, atol=1e-4)):
+            raw = chans[0] if len(chans) == 1 else np.stack(chans)
+            x, m, aff = _model_scale(row, raw), msk.array.astype(np.uint8), msk.affine
+            if target is not None and not (m.shape == target.shape and np.allclose(aff, target.affine, atol=1e-4)):
                 x, m = to_native(x, m, aff, target)
                 aff = target.affine
             if rng is not None:
@@ -286,14 +305,15 @@ def _real_cases(cfg: MedsynthConfig, cache: _Cache, split: str, native: bool) ->
         image_path, mask_path = cache.case_files(item_id)
 
         def load_native(item_id: str = item_id, image_path: Path = image_path, mask_path: Path = mask_path) -> Arrays:
-            img = read_image(image_path, kind="image", channel=cfg.data.channel)
+            img = read_case_image(cache.case(item_id), cfg.data)  # every contrast of a multi-contrast case
             raw = read_image(mask_path, kind="mask", channel=cfg.data.channel)
             mask = remap_and_validate(raw.array, cfg.data, mask_path)
             if dl.enabled:  # the derived label as training computed it, brought back from the cache
                 x, cached, aff = cache.arrays(item_id)
                 _, back = to_native(x, cached, aff, NativeGeometry(mask.shape, raw.affine))
                 mask = np.where((mask == 0) & (back == dl.index), dl.index, mask)
-            return img.array.astype(np.float32), mask.astype(np.uint8), raw.affine
+            pixels = img.array if img.channels is None else img.channels
+            return pixels.astype(np.float32), mask.astype(np.uint8), raw.affine
 
         cases.append(
             _Case(
@@ -345,12 +365,20 @@ def _check_labels(labels: dict[int, str], fmt: str, where: Path) -> None:
 
 
 # ----- writing -------------------------------------------------------------------------------
-def _paths(fmt: str, case_id: str) -> tuple[str, str]:
+def _paths(fmt: str, case_id: str, n_channels: int = 1) -> tuple[list[str], str]:
+    """Image files (one per channel, channel 0 first) and the label file of a case."""
     if fmt == "nnunetv2":
-        return f"imagesTr/{case_id}_0000{FILE_ENDING}", f"labelsTr/{case_id}{FILE_ENDING}"
+        sfx = [f"_{k:04d}" for k in range(n_channels)]
+        return [f"imagesTr/{case_id}{s}{FILE_ENDING}" for s in sfx], f"labelsTr/{case_id}{FILE_ENDING}"
+    sfx = [f"_{k:04d}" for k in range(n_channels)] if n_channels > 1 else [""]
     if fmt == "msd":
-        return f"imagesTr/{case_id}{FILE_ENDING}", f"labelsTr/{case_id}{FILE_ENDING}"
-    return f"images/{case_id}{FILE_ENDING}", f"labels/{case_id}{FILE_ENDING}"
+        return [f"imagesTr/{case_id}{s}{FILE_ENDING}" for s in sfx], f"labelsTr/{case_id}{FILE_ENDING}"
+    return [f"images/{case_id}{s}{FILE_ENDING}" for s in sfx], f"labels/{case_id}{FILE_ENDING}"
+
+
+def channel_names(cfg: MedsynthConfig) -> dict[str, str]:
+    """The ``channel_names`` of an export: ``data.channels`` in order, else one ``MRI`` channel."""
+    return {str(k): n for k, n in enumerate(cfg.data.channels)} if cfg.data.channels else {"0": CHANNEL_NAME}
 
 
 def _dataset_json(fmt: str, labels: dict[int, str], rows: list[dict[str, Any]], cfg: MedsynthConfig) -> dict[str, Any]:
@@ -358,7 +386,7 @@ def _dataset_json(fmt: str, labels: dict[int, str], rows: list[dict[str, Any]], 
     about = f"medsynth export of {cfg.name} (real + synthetic; see {PROVENANCE_CSV})"
     if fmt == "nnunetv2":
         return {
-            "channel_names": {"0": CHANNEL_NAME},
+            "channel_names": channel_names(cfg),
             "labels": {name: int(k) for k, name in sorted(labels.items())},
             "numTraining": n,
             "file_ending": FILE_ENDING,
@@ -369,7 +397,7 @@ def _dataset_json(fmt: str, labels: dict[int, str], rows: list[dict[str, Any]], 
         "name": cfg.name,
         "description": about,
         "tensorImageSize": f"{cfg.preprocess.spatial_dims}D",
-        "modality": {"0": CHANNEL_NAME},
+        "modality": channel_names(cfg),
         "labels": {str(k): v for k, v in sorted(labels.items())},
         "numTraining": n,
         "numTest": 0,
@@ -466,8 +494,16 @@ def export_dataset(
             bad = sorted(set(np.unique(mask).tolist()) - set(labels))
             if bad:
                 raise DataError(c.row.get("source") or c.case_id, f"case {c.case_id}: labels {bad} not in {labels}")
-            image_rel, label_rel = _paths(fmt, c.case_id)
-            write_image(tmp / image_rel, image.astype(np.float32), affine)
+            n_ch = cfg.data.n_channels
+            if n_ch > 1 and (image.ndim != mask.ndim + 1 or image.shape[0] != n_ch):
+                raise DataError(
+                    c.row.get("source") or c.case_id,
+                    f"case {c.case_id} has image shape {image.shape}; data.channels lists {n_ch} channels",
+                )
+            images_rel, label_rel = _paths(fmt, c.case_id, n_ch)
+            for rel, ch in zip(images_rel, image if n_ch > 1 else [image], strict=True):
+                write_image(tmp / rel, ch.astype(np.float32), affine)
+            image_rel = images_rel[0]
             write_image(tmp / label_rel, mask.astype(np.uint8), affine)
             spacing = [round(float(s), 6) for s in np.linalg.norm(affine[:-1, :-1], axis=0)]
             rows.append(

@@ -190,19 +190,24 @@ def to_native(
     """Resample a model-grid image/mask pair onto a native grid (image linear, mask nearest neighbour).
 
     Args:
-        image: ``(1, *S)`` or ``(*S)`` image on the model grid.
+        image: ``(1, *S)`` or ``(*S)`` image on the model grid, or a multi-contrast ``(C, *S)``.
         mask: ``(1, *S)`` or ``(*S)`` labels on the model grid.
         affine: ``(D+1, D+1)`` RAS affine of the model grid.
         native: Target grid.
 
     Returns:
-        ``(image (*T) float32, mask (*T) uint8)`` on the native grid; 0 outside the model grid's extent.
+        ``(image (*T) float32, mask (*T) uint8)`` on the native grid (image ``(C, *T)`` for C > 1
+        channels); 0 outside the model grid's extent.
     """
     d = native.ndim
     im = np.asarray(image)
     mk = np.asarray(mask)
-    im = im[0] if im.ndim == d + 1 else im
     mk = mk[0] if mk.ndim == d + 1 else mk
+    if im.ndim == d + 1 and im.shape[0] > 1:  # multi-contrast: every channel onto the same grid
+        chans = [resample_to(c.astype(np.float32), affine, native.shape, native.affine, "linear") for c in im]
+        out_mk = resample_to(mk.astype(np.uint8), affine, native.shape, native.affine, "nearest")
+        return np.stack(chans).astype(np.float32), np.asarray(out_mk, dtype=np.uint8)
+    im = im[0] if im.ndim == d + 1 else im
     out_im = resample_to(im.astype(np.float32), affine, native.shape, native.affine, "linear")
     out_mk = resample_to(mk.astype(np.uint8), affine, native.shape, native.affine, "nearest")
     return np.asarray(out_im, dtype=np.float32), np.asarray(out_mk, dtype=np.uint8)

@@ -348,6 +348,7 @@ def synthesize(
         overwrite=overwrite,
         metadata=metadata,
         resume_key=resume_key(cfg, generator, source, vocab, refuse),
+        channel_names=cfg.data.channels,
     )
     with writer:
         jobs = _jobs(cfg, source, vocab)

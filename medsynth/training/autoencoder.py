@@ -56,6 +56,11 @@ class StageResult:
     drawn: tuple[tuple[int, ...], ...] = field(default=(), kw_only=True)
 
 
+def _one_channel(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *S)`` as ``(B * C, 1, *S)``: the pretrained perceptual networks take one contrast at a time."""
+    return x.reshape(-1, 1, *x.shape[2:])
+
+
 def metrics_of(ckpt: Checkpoint) -> dict[str, float]:
     """The numeric extras of a checkpoint (its recorded metrics)."""
     return {k: float(v) for k, v in ckpt.extras.items() if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -125,10 +130,10 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
 
     # --- networks, optimisers, EMA ---
     torch.manual_seed(oc.seed)
-    ae = channels_last(build_autoencoder(sc, dims).to(dev), oc.channels_last, dims)
+    ae = channels_last(build_autoencoder(sc, dims, cfg.data.n_channels).to(dev), oc.channels_last, dims)
     opt, sched = make_optimizer(ae.parameters(), oc, dev)
     ema = make_ema(ae, oc.ema_decay)
-    disc = build_discriminator(sc, dims).to(dev) if sc.adv_weight > 0 else None
+    disc = build_discriminator(sc, dims, cfg.data.n_channels).to(dev) if sc.adv_weight > 0 else None
     if disc is not None:
         channels_last(disc, oc.channels_last, dims)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=sc.disc_lr) if disc is not None else None
@@ -178,7 +183,7 @@ def train_autoencoder(cfg: MedsynthConfig, cache_dir: str | Path, ctx: StageCont
             kl = kl_loss(mu.float(), sigma.float())
             loss = l1 + sc.kl_weight * kl
             if perceptual is not None:
-                loss = loss + sc.perceptual_weight * perceptual(recon.float(), x)
+                loss = loss + sc.perceptual_weight * perceptual(_one_channel(recon.float()), _one_channel(x))
             use_adv = d_model is not None and step >= sc.adv_start
             if use_adv and d_model is not None:
                 g_adv = adv(d_model(recon.float())[-1], target_is_real=True, for_discriminator=False)

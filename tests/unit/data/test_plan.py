@@ -184,9 +184,20 @@ def test_fingerprint_counts_channels_of_4d_nifti(synth, tmp_path: Path) -> None:
     assert fp["channels"] == 2 and fp["ndim"] == 3
     assert any("2 channels per case" in p for p in fp["problems"])
     plan = plan_config(fp, "cpu")
-    assert plan.raw["data"]["channel"] == 0
-    assert any("channel 0 only" in w for w in plan.warnings)
+    assert plan.raw["data"]["channels"] == ["ch0", "ch1"] and "channel" not in plan.raw["data"]
+    assert any("modelled jointly" in w for w in plan.warnings)
     _validates(plan.yaml_text, tmp_path)
+
+
+def test_plan_names_channels_from_dataset_json(synth, tmp_path: Path) -> None:
+    root = synth.multicontrast("nnunet", n=3)
+    (root / "dataset.json").write_text(
+        json.dumps({"channel_names": {"0": "FLAIR", "1": "T2"}, "labels": {"background": 0, "a": 1, "b": 2}})
+    )
+    plan = plan_config(fingerprint(DataConfig(root=str(root))), "cpu")
+    assert plan.raw["data"]["channels"] == ["flair", "t2"]
+    cfg = _validates(plan.yaml_text, tmp_path)
+    assert cfg.data.channels == ("flair", "t2")  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ def tiny_generator(cfg: MedsynthConfig) -> MaskGenerator:
     dims = cfg.preprocess.spatial_dims
     n_classes = max(output_labels(cfg)) + 1
     torch.manual_seed(0)
-    ae = build_autoencoder(cfg.autoencoder, dims).eval()
+    ae = build_autoencoder(cfg.autoencoder, dims, cfg.data.n_channels).eval()
     unet = build_diffusion_unet(cfg.diffusion, dims, latent_channels(cfg))
     controlled = build_controlled(cfg, unet, num_classes=n_classes)
     with torch.no_grad():
