@@ -463,9 +463,9 @@ def validate_external(
     )
     plaus.pop("rows", None)  # per-case rows of the main split only (the report stays small)
     lesion = lesion_label(cfg)
-    contrast = contrast_report(
-        ext.images,
-        synth,
+    contrast = contrast_report(  # the headline channel, as on the main split
+        ext.images[:, :1],
+        synth[:, :1],
         ext.masks,
         ext.patients,
         {lesion: ext.labels.get(lesion, str(lesion))},
