@@ -166,6 +166,7 @@ def run_site_adaptation(
     done = ledger.done()
     rows: list[dict[str, Any]] = []
     base_scores: dict[str, Any] | None = None
+    encoded: set[int] = set()
     for k in sorted(ac.k_patients):
         latent_dir = out / f"k{k}" / "latents"
         for method in ac.methods:
@@ -179,10 +180,11 @@ def run_site_adaptation(
                     base_scores = measure(load_bundle(bundle, dev))
                 scores, params, seconds = base_scores, 0, 0.0
             else:
-                if not (latent_dir / "train.npz").is_file():
+                if k not in encoded:  # encoded anew by every execution: the autoencoder may have changed
                     encode_for_adaptation(
                         cfg, _items_of(site, split.adaptation(k)), bundle / "autoencoder", latent_dir, dev
                     )
+                    encoded.add(k)
                 settings = AdaptSettings(
                     method=method,
                     rank=ac.rank,
