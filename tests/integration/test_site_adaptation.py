@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,14 @@ def test_the_adaptation_stage_compares_none_lora_and_full_on_the_held_out_site(
         meta = json.loads((root / "adaptation" / "adapters" / cell / "adapter.json").read_text())
         assert meta["info"]["site"] == "BB" and meta["method"] == cell.split("-")[1]
         assert all(p.startswith("TCGA_BB_") for p in meta["info"]["patients"])
+
+    # a run that stopped after its cells (stamp and adapters gone) resumes from the ledger: nothing is adapted again
+    shutil.rmtree(root / "adaptation" / "adapters")
+    (root / "adaptation" / "stage.json").unlink()
+    resumed = run_with_upstream(cfg, "adaptation")
+    assert not resumed["adaptation"].cached
+    assert resumed["adaptation"].result.rows == res.rows  # type: ignore[union-attr]
+    assert not (root / "adaptation" / "adapters").exists()
 
     # adapting never touched the base generator: its bundle still holds the ControlNet the stage trained
     bundle = root / "generator" / "bundle" / "controlnet" / "checkpoints"
