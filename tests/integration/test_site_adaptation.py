@@ -87,6 +87,7 @@ def test_the_adaptation_stage_compares_none_lora_and_full_on_the_held_out_site(
     print((root / "adaptation" / "adaptation.md").read_text())
     report = json.loads((root / "adaptation" / "adaptation.json").read_text())
     assert report["site"] == "BB" and report["sites"] == {"AA": 4, "BB": 4}
+    assert report["fid_real_floor"] is not None and report["fid_real_floor"] >= 0
     ev = set(report["patients"]["evaluation"])
     assert len(ev) == 2 and not ev & set(report["patients"]["adaptation"]["2"])
     assert set(report["patients"]["adaptation"]["1"]) < set(report["patients"]["adaptation"]["2"])
