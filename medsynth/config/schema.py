@@ -6,6 +6,7 @@ from typing import Self
 
 from pydantic import Field, model_validator
 
+from medsynth.config.adaptation import AdaptationConfig
 from medsynth.config.base import StrictModel
 from medsynth.config.data import DataConfig
 from medsynth.config.evaluation import SegmenterConfig, ValidationConfig
@@ -57,6 +58,7 @@ class MedsynthConfig(StrictModel):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)  # type: ignore[arg-type]
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)  # type: ignore[arg-type]
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)  # type: ignore[arg-type]
+    adaptation: AdaptationConfig = Field(default_factory=AdaptationConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _synthesis_fits(self) -> Self:

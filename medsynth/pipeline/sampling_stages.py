@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from medsynth.config.schema import MedsynthConfig
+from medsynth.errors import ConfigError
 from medsynth.fileio import sha256_file
 from medsynth.pipeline.data_stages import DatasetResult
 from medsynth.pipeline.declare import StageResult, StageRun
@@ -136,6 +137,8 @@ class SynthesizeOptions(BaseModel):
     """Registered generator (models:/<name>/<version>) instead of the config's runs."""
     model_grid: bool = False
     """Write mask-file sources on the model's grid instead of each mask's own geometry."""
+    adapter: Path | None = None
+    """Site adapter folder (from `medsynth adapt`) applied on top of the generator; needs --out."""
 
     def standalone(self) -> bool:
         """A registered generator needs no local training stages."""
@@ -174,6 +177,7 @@ def synthesize_from_model(
     tracker: Tracker | None = None,
     progress: Any = None,
     device: str | None = None,
+    adapter: Path | None = None,
 ) -> Any:
     """Synthesise with a registered generator (``models:/<name>/<version>``) instead of local runs.
 
@@ -191,6 +195,10 @@ def synthesize_from_model(
     safe = model_uri.removeprefix("models:/").replace("/", "-")
     bundle = download_model(model_uri, root / "registry" / safe, tracking_uri(cfg))
     gen = load_bundle(bundle, resolve_device(device))
+    if adapter is not None:
+        from medsynth.adapter import apply_adapter
+
+        apply_adapter(gen, adapter)
     pre = root / "preprocess"
     masks = load_masks(cfg, pre)
     return synthesize(
@@ -211,11 +219,15 @@ def run_synthesize(run: StageRun) -> StageResult:
     from medsynth.synthesis.run import synthesize_from_config
 
     opts = run.options if isinstance(run.options, SynthesizeOptions) else SynthesizeOptions()
+    if opts.adapter is not None and opts.out is None:
+        raise ConfigError("command line", "--adapter needs --out (the pipeline's synthetic/ is the base generator's)")
     cfg = resolved_sampling(run)
     target = opts.out if opts.out is not None else run.out
     overwrite = opts.overwrite or opts.out is None  # the pipeline owns synthetic/
     if opts.model:
-        summary = synthesize_from_model(cfg, opts.model, target, overwrite, run.tracker, run.progress, run.device)
+        summary = synthesize_from_model(
+            cfg, opts.model, target, overwrite, run.tracker, run.progress, run.device, opts.adapter
+        )
     else:
         summary = synthesize_from_config(
             cfg,
@@ -228,6 +240,7 @@ def run_synthesize(run: StageRun) -> StageResult:
             overwrite=overwrite,
             progress=run.progress,
             tracker=run.tracker,
+            adapter=opts.adapter,
         )
     data = summary.to_json()
     manifest = Path(target) / "manifest.json"

@@ -8,6 +8,7 @@ version and the library function that does the work (a thin adapter from a
 
 from __future__ import annotations
 
+from medsynth.pipeline.adapt_stages import AdaptationResult, AdaptOptions, AdaptResult, run_adapt, run_adaptation
 from medsynth.pipeline.data_stages import DatasetResult, PreprocessOptions, run_check, run_preprocess
 from medsynth.pipeline.declare import Stage
 from medsynth.pipeline.digests import (
@@ -191,7 +192,11 @@ register_stage(
         cli=("synthesize",),
         inputs=mask_source_fingerprint,
         options=SynthesizeOptions,
-        managed=lambda o: not (isinstance(o, SynthesizeOptions) and (o.out is not None or o.model is not None)),
+        managed=lambda o: (
+            not (
+                isinstance(o, SynthesizeOptions) and (o.out is not None or o.model is not None or o.adapter is not None)
+            )
+        ),
         digest=file_digest("manifest.json"),
         help="Synthesise image/mask pairs from real or edited masks into an augmented dataset with provenance.",
     )
@@ -236,6 +241,36 @@ register_stage(
         managed=lambda o: False,  # the user's own folder: never cached, never overwritten
         in_pipeline=False,
         help="Export the augmented dataset (real + synthetic, provenance CSV) as nnU-Net v2, MSD or a folder.",
+    )
+)
+register_stage(
+    Stage(
+        "adaptation",
+        run_adaptation,
+        reads=("adaptation", "data", "preprocess", "sampling", "validation"),
+        after=("generator", "calibrate", "segmenter", "features", "preprocess"),
+        result=AdaptationResult,
+        cli=("adaptation",),
+        enabled=lambda cfg: cfg.adaptation.enabled,
+        digest=file_digest("adaptation.csv"),  # adaptation.experiment.TABLE_CSV
+        progress_total=lambda cfg: len(cfg.adaptation.k_patients) * len(cfg.adaptation.methods),
+        help="Site adaptation (optional): adapt the generator to a held-out site from k patients; none vs LoRA vs "
+        "full fine-tuning on the site's other patients (Dice ratio, Fréchet distance, parameters, time).",
+    )
+)
+register_stage(
+    Stage(
+        "adapt",
+        run_adapt,
+        after=("generator",),
+        result=AdaptResult,
+        cli=("adapt",),
+        options=AdaptOptions,
+        register="adapter",  # registered beside the config's generator: <prefix>-<name>-adapter
+        managed=lambda o: False,  # an adapter of the user's data: never cached
+        in_pipeline=False,
+        help="Adapt the trained generator to new data (--data) with LoRA (--method lora --rank r) or full "
+        "fine-tuning; writes the adapter (safetensors + JSON) and registers it.",
     )
 )
 register_stage(

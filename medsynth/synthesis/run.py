@@ -514,6 +514,7 @@ def synthesize_from_config(
     overwrite: bool = False,
     progress: Progress | None = None,
     tracker: Tracker | None = None,
+    adapter: str | Path | None = None,
 ) -> SynthesisSummary:
     """Load the trained generator and the configured masks, then :func:`synthesize`.
 
@@ -528,6 +529,7 @@ def synthesize_from_config(
         overwrite: Replace a non-empty ``out_dir`` once the new dataset is complete.
         progress: Progress sink.
         tracker: Experiment tracker.
+        adapter: A site adapter folder (:mod:`medsynth.adapter`) applied on top of the generator.
 
     Returns:
         A :class:`SynthesisSummary`.
@@ -543,6 +545,10 @@ def synthesize_from_config(
     dev = resolve_device(device)
     masks = load_masks(cfg, cache_dir)
     generator = load_generator(cfg, ae_run, unet_run, controlnet_run, dev, num_classes=max(labels) + 1)
+    if adapter is not None:
+        from medsynth.adapter import apply_adapter
+
+        apply_adapter(generator, adapter)
     guard = memorisation_guard(
         cfg, cache_dir if cache_dir is not None else Path(cfg.output_dir) / cfg.name / "preprocess"
     )

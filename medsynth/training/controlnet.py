@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from medsynth.checkpoint import (
     completed_checkpoint,
+    find_checkpoint,
     restore_training_state,
     resumable_checkpoint,
 )
@@ -26,6 +28,7 @@ from medsynth.generator import (
     CONTROLNET,
     CONTROLNET_EMA,
     build_controlled,
+    ema_weights,
     load_generator,
     load_unet,
     make_objective,
@@ -117,12 +120,30 @@ def controlnet_loss(
         return denoising_loss(bind_cond(model, cond), objective, x0, g, weights)
 
 
+@dataclass(frozen=True)
+class TrainFrom:
+    """Continue a trained generator and train only chosen parameters (site adaptation), in the same loop.
+
+    Attributes:
+        controlnet_run: Run folder of the trained ControlNet to start from (its final EMA weights).
+        trainable: Called once with the assembled ControlledUNet (base weights loaded); may change it
+            in place (e.g. inject LoRA layers) and returns the module whose parameters are trained,
+            averaged (EMA), clipped and checkpointed (e.g. a :class:`~medsynth.models.lora.ParamSubset`).
+        name: Checkpoint name of that module (``<name>`` and ``<name>_ema``).
+    """
+
+    controlnet_run: Path
+    trainable: Callable[[ControlledUNet], torch.nn.Module]
+    name: str = "adapter"
+
+
 def train_controlnet(
     cfg: MedsynthConfig,
     latent_dir: str | Path,
     unet_run: str | Path,
     ctx: StageContext,
     ae_run: str | Path | None = None,
+    train_from: TrainFrom | None = None,
 ) -> StageResult:
     """Train the ControlNet on masks, initialised from the trained UNet, which stays frozen.
 
@@ -132,9 +153,12 @@ def train_controlnet(
         unet_run: Run folder of the trained diffusion UNet.
         ctx: Run folder, resume flag, device, tracker and progress.
         ae_run: Autoencoder run folder; when given, a sample grid (image | mask | synthetic) is saved.
+        train_from: Start from a trained ControlNet and train only the parameters ``train_from.trainable`` selects
+            (site adaptation); None: a new ControlNet initialised from the UNet, all of it trained.
 
     Returns:
-        Final checkpoint (``controlnet`` and ``controlnet_ema`` weights; ``num_classes`` in extras).
+        Final checkpoint (``controlnet`` and ``controlnet_ema`` weights, or ``train_from.name`` and
+        ``<train_from.name>_ema``; ``num_classes`` in extras).
     """
     sc, oc = cfg.controlnet, cfg.controlnet.train
     done_ckpt = completed_checkpoint(ctx.run_dir, ctx.input_key)
@@ -155,14 +179,27 @@ def train_controlnet(
     unet = load_unet(cfg, unet_run, dev)
     dims = cfg.preprocess.spatial_dims
     controlled = channels_last(build_controlled(cfg, unet, train.num_classes).to(dev), oc.channels_last, dims)
-    cn = controlled.controlnet
+    cn: torch.nn.Module = controlled.controlnet
+    name, ema_name = CONTROLNET, CONTROLNET_EMA
+    if train_from is not None:  # a trained generator: its ControlNet, and only the selected parameters train
+        base = find_checkpoint(train_from.controlnet_run, "final")
+        if base is None:
+            raise DataError(train_from.controlnet_run, "no final ControlNet checkpoint to adapt")
+        if int(base.extras.get("num_classes", train.num_classes)) != train.num_classes:
+            raise DataError(
+                latent_dir / "train.npz",
+                f"masks have {train.num_classes} classes, the generator {base.extras.get('num_classes')}",
+            )
+        controlled.controlnet.load_state_dict(ema_weights(base, CONTROLNET, CONTROLNET_EMA))
+        cn = train_from.trainable(controlled)
+        name, ema_name = train_from.name, f"{train_from.name}_ema"
     opt, sched = make_optimizer(cn.parameters(), oc, dev)
     ema = make_ema(cn, oc.ema_decay)
     precision = policy_for(dev, oc.amp)  # bf16 / fp16 + loss scaling / fp32 by device capability
     scaler = precision.make_scaler()
     if precision.enabled:  # one fused SiLU kernel for MONAI's Swish (fp32 stays bit-identical without it)
         fuse_swish(controlled)
-    networks: dict[str, torch.nn.Module] = {CONTROLNET: cn, **({CONTROLNET_EMA: ema} if ema else {})}
+    networks: dict[str, torch.nn.Module] = {name: cn, **({ema_name: ema} if ema else {})}
     schedulers: dict[str, Any] = {"controlnet": sched, **({"controlnet_scaler": scaler} if scaler is not None else {})}
     start = 0
     latest = resumable_checkpoint(ctx.run_dir, ctx.input_key, ctx.resume)
@@ -199,7 +236,9 @@ def train_controlnet(
                 ctx.tracker.log_metrics({"controlnet/train_loss": m["loss"]}, step=done)
         ctx.progress.advance(1, info)
         if ctx.dist.is_main and (done % oc.val_every == 0 or done == oc.steps):
-            metrics = {"val_loss": _ema_val_loss(controlled, ema, objective, val, oc.batch_size, oc.val_batches, dev)}
+            metrics = {
+                "val_loss": _ema_val_loss(controlled, cn, ema, objective, val, oc.batch_size, oc.val_batches, dev)
+            }
             ctx.tracker.log_metrics({"controlnet/val_loss": metrics["val_loss"]}, step=done)
         if ctx.dist.is_main and done % oc.ckpt_every == 0 and done < oc.steps:
             ctx.save(done, networks, {"controlnet": opt}, schedulers, cfg, oc.keep_checkpoints)
@@ -218,7 +257,7 @@ def train_controlnet(
         num_classes=train.num_classes,
         **metrics,
     )
-    if ae_run is not None:
+    if ae_run is not None and train_from is None:
         gen = load_generator(cfg, ae_run, unet_run, ctx.run_dir, dev, train.num_classes)
         n = min(6, len(val))
         synth = gen.generate(val.masks[:n], cfg.sampling.preview(), seed=0)  # before any guidance calibration
@@ -229,6 +268,7 @@ def train_controlnet(
 
 def _ema_val_loss(
     controlled: ControlledUNet,
+    cn: torch.nn.Module,
     ema: AveragedModel | None,
     objective: DiffusionObjective,
     val: LatentSet,
@@ -236,8 +276,7 @@ def _ema_val_loss(
     n_batches: int,
     dev: torch.device,
 ) -> float:
-    """Validation loss with the EMA ControlNet weights swapped in temporarily."""
-    cn = controlled.controlnet
+    """Validation loss with the EMA weights of the trained module ``cn`` swapped in temporarily."""
     backup = None
     if ema is not None:
         backup = {k: v.detach().clone() for k, v in cn.state_dict().items()}

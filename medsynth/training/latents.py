@@ -10,7 +10,7 @@ import torch
 
 from medsynth.checkpoint import find_checkpoint
 from medsynth.config.schema import MedsynthConfig
-from medsynth.data.dataset import load_split
+from medsynth.data.dataset import ArraySet, load_split
 from medsynth.errors import DataError
 from medsynth.fileio import sha256_file, write_atomic, write_json_atomic
 from medsynth.generator import load_autoencoder
@@ -52,8 +52,12 @@ def encode_split(
     device: torch.device | None = None,
     batch: int = 32,
     progress: Progress | None = None,
+    items: ArraySet | None = None,
 ) -> Path:
     """Encode a split with the final autoencoder and write ``<out_dir>/<split>.npz`` atomically.
+
+    ``items`` encodes those items instead of the cache's split (e.g. a few patients of a new site),
+    written under the name ``split``.
 
     Returns:
         The written file (holding latents, masks, images, item ids, scale factor, AE hash).
@@ -63,7 +67,7 @@ def encode_split(
     if ckpt is None:
         raise DataError(ae_run, "no final autoencoder checkpoint", hint="train the autoencoder first")
     ae, scale = load_autoencoder(cfg, ckpt, dev)
-    data = load_split(cache_dir, split)
+    data = items if items is not None else load_split(cache_dir, split)
     prog = progress or NullProgress()
     factor = downsample_factor(cfg.autoencoder)
     zs = []

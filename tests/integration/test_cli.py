@@ -246,6 +246,8 @@ COMMANDS = {
             "validate",
             "experiment",
             "export",  # tests/unit/synthesis/test_export.py
+            "adapt",  # tests/integration/test_site_adaptation.py
+            "adaptation",  # tests/integration/test_site_adaptation.py
             "status",
             "plan",  # tests/unit/data/test_plan.py
             "promote",  # tests/integration/test_model_registry.py

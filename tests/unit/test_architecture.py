@@ -58,10 +58,14 @@ LAYERS: dict[str, int] = {
     "locking": 1,
     # generator assembly, shared by training and synthesis
     "generator": 2,
+    # adapters (safetensors + JSON) put on a loaded generator, by synthesis and adaptation alike
+    "adapter": 2,
     # training and synthesis never import each other
     "training": 3,
     "synthesis": 3,
     "evaluation": 4,
+    # site adaptation: the ControlNet training loop with a trainable-parameter hook, measured by evaluation
+    "adaptation": 4,
     "planning": 4,
     "report": 5,
     # the MLflow model flavour wraps the trained generator and segmenter: above synthesis and evaluation,

@@ -1,0 +1,1 @@
+"""Site adaptation of a trained generator: LoRA / full fine-tuning from a few patients, and its experiment."""
