@@ -101,6 +101,12 @@ class CounterfactualConfig(StrictModel):
         description="Start of the edit region: 'fresh' Gaussian noise (seeded; the old lesion's trace is not "
         "carried over) or the 'inverted' latent of the original.",
     )
+    paste_original: bool = Field(
+        True,
+        description="medsynth edit: write the input's own voxels outside the edit region (resampled back onto the "
+        "input grid), so only the region changes; False: the whole regenerated image (outside the region: the "
+        "autoencoder's round trip at the model's resolution). Needs an invertible (percentile) normalisation.",
+    )
     min_ssim_outside: float = Field(0.90, gt=0, le=1, description="Target: SSIM outside the edit region.")
     min_dice_ratio: float = Field(0.9, gt=0, description="Target: lesion Dice of edits / of plain synthesis.")
     fp_min_voxels: int = Field(
