@@ -13,7 +13,7 @@ from medsynth.pipeline.declare import Stage
 from medsynth.pipeline.digests import (
     checkpoint_digest,
     dataset_fingerprint,
-    external_test_fingerprint,
+    experiment_inputs,
     file_digest,
     mask_source_fingerprint,
 )
@@ -230,7 +230,7 @@ register_stage(
         run_experiment,
         reads=("experiment", "sampling", "segmenter", "autoencoder.tiling"),
         after=("generator", "calibrate", "preprocess"),
-        inputs=external_test_fingerprint,
+        inputs=experiment_inputs,
         cli=("experiment",),
         fan_out=True,
         digest=file_digest("summary.csv"),
