@@ -166,7 +166,9 @@ def evaluate_counterfactuals(
     images, masks = test.images[idx].float(), test.masks[idx].to(torch.uint8)
     edited_t = torch.from_numpy(np.stack(edited_masks))
     bs = sampling.batch_size
-    seeds = [int(np.random.default_rng([cc.seed, j, 23]).integers(2**31 - 1)) for j in range((len(rows) + bs - 1) // bs)]
+    seeds = [
+        int(np.random.default_rng([cc.seed, j, 23]).integers(2**31 - 1)) for j in range((len(rows) + bs - 1) // bs)
+    ]
     res: CounterfactualOutput = batched(
         gen,
         images,
@@ -182,7 +184,10 @@ def evaluate_counterfactuals(
     progress.advance(len(rows), "counterfactual edits")
     plain_sampling = sampling.model_copy(update={"guidance_scale": scale})
     plain = torch.cat(
-        [gen.generate(edited_t[s : s + bs], plain_sampling, seed=seeds[j]) for j, s in enumerate(range(0, len(rows), bs))]
+        [
+            gen.generate(edited_t[s : s + bs], plain_sampling, seed=seeds[j])
+            for j, s in enumerate(range(0, len(rows), bs))
+        ]
     )
     seg_bs = cfg.experiment.predict_batch_size
     pred_cf = predict(segmenter, res.images, seg_bs)
@@ -255,7 +260,9 @@ def _summaries(
             dice_ratio=_nan_none(r.value),
             dice_ratio_lo=_nan_none(r.lo),
             dice_edit=_nan_none(float(np.nanmean(dice_cf[placed]))) if np.isfinite(dice_cf[placed]).any() else None,
-            dice_plain=_nan_none(float(np.nanmean(dice_plain[placed]))) if np.isfinite(dice_plain[placed]).any() else None,
+            dice_plain=_nan_none(float(np.nanmean(dice_plain[placed])))
+            if np.isfinite(dice_plain[placed]).any()
+            else None,
         )
     if removed:
         summary.update(
@@ -279,9 +286,13 @@ def _figure(
 
     order: list[int] = []
     for spec in dict.fromkeys(r["edit"] for r in rows):  # the first items of every edit, in turn
-        order += [k for k, r in enumerate(rows) if r["edit"] == spec][: max(1, n // max(1, len(set(r["edit"] for r in rows))))]
+        order += [k for k, r in enumerate(rows) if r["edit"] == spec][
+            : max(1, n // max(1, len(set(r["edit"] for r in rows))))
+        ]
     order = order[: max(n, 1)]
-    sub = CounterfactualOutput(*(getattr(res, f)[order] for f in ("images", "reconstructions", "region", "latent_region", "z0", "latents")))
+    sub = CounterfactualOutput(
+        *(getattr(res, f)[order] for f in ("images", "reconstructions", "region", "latent_region", "z0", "latents"))
+    )
     panels = figure_rows(images[order], edited[order], sub, len(order))
     titles = [f"{rows[k]['item_id']} {rows[k]['edit']}" for k in order]
     return viz.save_grid(path, panels, titles=titles, col_titles=COLUMNS)

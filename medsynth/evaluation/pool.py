@@ -259,7 +259,8 @@ def _generate(
     seed: int,
 ) -> torch.Tensor:
     """Images of one pool batch (float16, CPU): from noise, except the ``in_context`` items (absolute
-    indices), which are their real slices edited to the batch's masks (:func:`medsynth.synthesis.counterfactual.counterfactual`)."""
+    indices), which are their real slices edited to the batch's masks
+    (:func:`medsynth.synthesis.counterfactual.counterfactual`)."""
     out = torch.zeros(tuple(batch.shape), dtype=torch.float32)
     rel = [j - start for j in in_context]
     plain = [j for j in range(batch.shape[0]) if j not in rel]

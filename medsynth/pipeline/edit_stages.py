@@ -95,7 +95,7 @@ class CounterfactualResult(StageResult):
 
 
 def run_counterfactual(run: StageRun) -> StageResult:
-    """Edit lesion-bearing TEST scans (remove / move / scale) and measure the edits (see evaluation/counterfactual.py)."""
+    """Edit lesion-bearing TEST scans (remove / move / scale) and measure the edits (evaluation/counterfactual.py)."""
     from medsynth.data.dataset import load_split
     from medsynth.evaluation.counterfactual import FIGURE, REPORT, evaluate_counterfactuals
     from medsynth.evaluation.segmenter import load_segmenter

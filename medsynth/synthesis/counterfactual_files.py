@@ -150,7 +150,8 @@ def _storage_dtype(source: npt.NDArray[Any]) -> np.dtype[Any]:
 def _as_dtype(values: npt.NDArray[np.floating[Any]], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+        out: npt.NDArray[Any] = np.clip(np.rint(values), info.min, info.max).astype(dtype)
+        return out
     return values.astype(np.float32)
 
 

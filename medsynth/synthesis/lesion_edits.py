@@ -67,7 +67,12 @@ def remove_lesion(mask: npt.NDArray[Any], lesion_label: int, fill_label: int | N
     if not les.any():
         raise ValueError(f"the mask holds no voxel of lesion label {lesion_label}: nothing to remove")
     out = _fill(m, les, lesion_label, fill_label)
-    return out, {"name": "remove", "lesion_label": int(lesion_label), "fill_label": fill_label, "voxels": int(les.sum())}
+    return out, {
+        "name": "remove",
+        "lesion_label": int(lesion_label),
+        "fill_label": fill_label,
+        "voxels": int(les.sum()),
+    }
 
 
 def _paste(m: Mask, les: npt.NDArray[np.bool_], new: npt.NDArray[np.bool_], lesion: int, fill: int | None) -> Mask:
@@ -120,9 +125,7 @@ def move_lesion(
     return out, {"name": "move", "shift": s, "voxels": int(new.sum()), "dropped_voxels": dropped}
 
 
-def scale_lesion(
-    mask: npt.NDArray[Any], factor: float, lesion_label: int, fill_label: int | None = None
-) -> EditResult:
+def scale_lesion(mask: npt.NDArray[Any], factor: float, lesion_label: int, fill_label: int | None = None) -> EditResult:
     """Scale the lesion by ``factor`` about its centre of mass (nearest-neighbour resampling).
 
     Args:
@@ -150,7 +153,7 @@ def scale_lesion(
     target = ndimage.affine_transform(les.astype(np.uint8), matrix, offset=offset, order=0, mode="constant") > 0
     if not target.any():
         target = np.zeros_like(les)
-        target[tuple(int(round(c)) for c in centre)] = True  # a lesion scaled below one voxel keeps one
+        target[tuple(round(c) for c in centre)] = True  # a lesion scaled below one voxel keeps one
     new, dropped = _placed(m, target, lesion_label, f"scale by {factor:g}")
     out = _paste(m, les, new, lesion_label, fill_label)
     desc = {

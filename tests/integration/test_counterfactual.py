@@ -29,7 +29,12 @@ def trained(pipeline_config: Any, tmp_path_factory: pytest.TempPathFactory) -> d
 
     root = tmp_path_factory.mktemp("counterfactual")
     raw = pipeline_config(root, tracking={"enabled": False})
-    raw["counterfactual"] = {"n_cases": 3, "min_lesion_voxels": 4, "steps": 3, "edits": ["remove", "move:2,0", "scale:1.5"]}
+    raw["counterfactual"] = {
+        "n_cases": 3,
+        "min_lesion_voxels": 4,
+        "steps": 3,
+        "edits": ["remove", "move:2,0", "scale:1.5"],
+    }
     cfg = validate_config(raw, "test config", MedsynthConfig)
     run_with_upstream(cfg, "generator")
     run_with_upstream(cfg, "segmenter")
@@ -111,7 +116,7 @@ def test_edit_command_single_and_batch(trained: dict[str, Any], tmp_path: Path) 
     assert res.exit_code != 0  # never overwritten
 
     csv = tmp_path / "edits.csv"
-    csv.write_text(f"image,mask,edit\n{image},{mask},scale:1.5\n{image},{mask},\"move:0,1\"\n")
+    csv.write_text(f'image,mask,edit\n{image},{mask},scale:1.5\n{image},{mask},"move:0,1"\n')
     out2 = tmp_path / "batch"
     res = runner.invoke(app, ["edit", "-c", str(trained["yaml"]), "--batch", str(csv), "--out", str(out2)])
     assert res.exit_code == 0, res.output
@@ -123,13 +128,31 @@ def test_edit_command_single_and_batch(trained: dict[str, Any], tmp_path: Path) 
 
 
 def test_edit_command_bad_input_is_one_line_naming_the_file(trained: dict[str, Any], tmp_path: Path) -> None:
-    image, mask = _lesion_pair(trained["raw"])
+    _, mask = _lesion_pair(trained["raw"])
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     missing = tmp_path / "nope.png"
     res = subprocess.run(
-        [sys.executable, "-m", "medsynth.cli", "edit", "-c", str(trained["yaml"]), "--image", str(missing),
-         "--mask", str(mask), "--edit", "remove", "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, env=env, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "medsynth.cli",
+            "edit",
+            "-c",
+            str(trained["yaml"]),
+            "--image",
+            str(missing),
+            "--mask",
+            str(mask),
+            "--edit",
+            "remove",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=REPO,
     )
     assert res.returncode == 2, res.stderr
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]

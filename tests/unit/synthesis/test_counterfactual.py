@@ -28,8 +28,12 @@ def _cfg(tiny_nets: dict[str, Any], **counterfactual: Any) -> MedsynthConfig:
     return MedsynthConfig.model_validate(
         {
             **tiny_nets,
-            "data": {"root": "unused", "labels": {0: "background", 1: "tumour"}, "label_remap": {255: 1},
-                     "mask_suffix": "_mask"},
+            "data": {
+                "root": "unused",
+                "labels": {0: "background", 1: "tumour"},
+                "label_remap": {255: 1},
+                "mask_suffix": "_mask",
+            },
             "preprocess": {
                 "spatial_dims": 2,
                 "spatial_size": [SIDE, SIDE],
@@ -50,10 +54,14 @@ def _pair(folder: Path, name: str, lesion: bool = True, seed: int = 0) -> tuple[
     if lesion:
         mask[6:10, 5:9] = 255
         image[6:10, 5:9] = 220
-    return write_image(folder / f"{name}.png", image, PNG_AFFINE), write_image(folder / f"{name}_mask.png", mask, PNG_AFFINE)
+    return write_image(folder / f"{name}.png", image, PNG_AFFINE), write_image(
+        folder / f"{name}_mask.png", mask, PNG_AFFINE
+    )
 
 
-def test_counterfactual_keeps_latents_outside_the_region_exactly(tiny_nets: dict[str, Any], make_generator: Any) -> None:
+def test_counterfactual_keeps_latents_outside_the_region_exactly(
+    tiny_nets: dict[str, Any], make_generator: Any
+) -> None:
     cfg = _cfg(tiny_nets)
     gen: MaskGenerator = make_generator(cfg)
     masks = torch.zeros(2, 1, SIDE, SIDE, dtype=torch.uint8)
@@ -94,8 +102,14 @@ def test_edit_files_writes_the_input_format_and_keeps_the_outside(
     rec = edit_files(cfg, gen, [EditRequest(img, msk, "remove"), EditRequest(img, msk, "move:0,3")], out)
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
-        ["P1_3_remove.png", "P1_3_remove_mask.png", "P1_3_move0_3.png", "P1_3_move0_3_mask.png", PROVENANCE,
-         "counterfactual.png"]
+        [
+            "P1_3_remove.png",
+            "P1_3_remove_mask.png",
+            "P1_3_move0_3.png",
+            "P1_3_move0_3_mask.png",
+            PROVENANCE,
+            "counterfactual.png",
+        ]
     )
     src = read_image(img).array
     removed = read_image(out / "P1_3_remove.png")
@@ -126,7 +140,9 @@ def test_edit_files_bad_input_names_the_file_and_writes_nothing(
     free_img, free_msk = _pair(tmp_path / "in", "B", lesion=False)
     out = tmp_path / "out"
     with pytest.raises(DataError, match=r"missing\.png: file does not exist"):
-        edit_files(cfg, gen, [EditRequest(img, msk, "remove"), EditRequest(tmp_path / "missing.png", msk, "remove")], out)
+        edit_files(
+            cfg, gen, [EditRequest(img, msk, "remove"), EditRequest(tmp_path / "missing.png", msk, "remove")], out
+        )
     with pytest.raises(DataError, match=r"B_mask\.png: edit 'remove': .*nothing to remove"):
         edit_files(cfg, gen, [EditRequest(free_img, free_msk, "remove")], out)
     with pytest.raises(DataError, match=r"A_mask\.png: edit 'move:40,0'"):

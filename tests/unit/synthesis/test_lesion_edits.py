@@ -47,7 +47,7 @@ def test_move_shifts_the_lesion_and_fills_its_old_place() -> None:
     m = _mask()
     out, desc = move_lesion(m, (2, -1), LES, fill_label=WM)
     assert desc["shift"] == [2, -1] and desc["dropped_voxels"] == 0
-    assert np.argwhere(out[0] == LES).tolist() == (np.argwhere(m[0] == LES) + [2, -1]).tolist()
+    assert np.argwhere(out[0] == LES).tolist() == (np.argwhere(m[0] == LES) + np.array([2, -1])).tolist()
     assert out[0, 5, 6] == WM  # the old place that the moved lesion does not cover
     # moved partly onto background: those voxels are dropped and counted
     out, desc = move_lesion(m, (5, 0), LES, fill_label=WM)
