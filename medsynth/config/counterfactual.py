@@ -113,7 +113,7 @@ class CounterfactualConfig(StrictModel):
         0, ge=0, description="A removed lesion counts as found again when MORE than this many voxels are predicted."
     )
     n_figure: int = Field(6, ge=0, description="Rows of the figure original | edited mask | result | difference.")
-    seed: int = Field(0, description="Seed of the case selection and of fresh region noise.")
+    seed: int = Field(0, description="Seed of the fresh noise inside the edit region (cases are chosen evenly).")
 
     @field_validator("edits")
     @classmethod

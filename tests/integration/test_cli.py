@@ -246,6 +246,8 @@ COMMANDS = {
             "validate",
             "experiment",
             "export",  # tests/unit/synthesis/test_export.py
+            "edit",  # tests/integration/test_counterfactual.py
+            "counterfactual",  # tests/integration/test_counterfactual.py
             "status",
             "plan",  # tests/unit/data/test_plan.py
             "promote",  # tests/integration/test_model_registry.py

@@ -84,6 +84,13 @@ def test_stage_is_off_by_default_and_measures_edits_when_enabled(trained: dict[s
     }
     again = run_stage(cfg, "counterfactual")
     assert again.cached and again.result is not None and again.result.ssim_outside == ssim
+    from typer.testing import CliRunner
+
+    from medsynth.cli import app
+
+    args = ["counterfactual", "-c", str(trained["yaml"]), "--set", "counterfactual.enabled=true"]
+    res = CliRunner().invoke(app, args)  # the derived command shares the stage's cache
+    assert res.exit_code == 0 and "counterfactual: up to date (cached)" in res.output, res.output
 
 
 def _lesion_pair(raw: dict[str, Any]) -> tuple[Path, Path]:
