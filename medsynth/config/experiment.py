@@ -33,6 +33,10 @@ from medsynth.config.stages import SamplingConfig
 from medsynth.config.synthesis import parse_edit
 from medsynth.config.training import OptimConfig
 
+POOL_ONLY_EDITS = ("counterfactual",)
+"""Pool variants that are not mask edits: 'counterfactual' (a same-patient lesion transplanted into a lesion-free
+REAL slice and generated in context by inversion + blending, :mod:`medsynth.synthesis.counterfactual`)."""
+
 Arm = Literal["real", "real_classical", "synthetic_only"]
 ARMS: tuple[Arm, ...] = ("real", "real_classical", "synthetic_only")
 """Arms of the grid: real (+ synthetic at ratio r), real with classical augmentation, synthetic only."""
@@ -177,7 +181,11 @@ class ExperimentConfig(StrictModel):
         description="Mask edit of pool variant k: pool_edits[k % len] ('none', 'flip', 'elastic', 'transplant' "
         "or a '+' chain; elastic and lesion parameters from the synthesis section). A transplant pastes a "
         "lesion of another slice of the SAME patient into a lesion-free slice (never another patient's); "
-        "where that is impossible the step becomes 'elastic' (recorded per pool item).",
+        "where that is impossible the step becomes 'elastic' (recorded per pool item). 'counterfactual' (alone, "
+        "not in a chain): the same same-patient transplant, but the image is the REAL lesion-free slice edited in "
+        "context (DDIM inversion with its mask, regeneration with the transplanted mask, everything outside the "
+        "dilated lesion kept; settings from the counterfactual section); where no transplant applies, 'elastic' "
+        "from noise.",
     )
     pool_sampling: SamplingConfig | None = Field(
         None, description="Sampler settings of the pool (None: the top-level 'sampling' section)."
@@ -243,7 +251,7 @@ class ExperimentConfig(StrictModel):
     def _edits_ok(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("pool_edits must name at least one edit (['none'] keeps the masks)")
-        return ["+".join(parse_edit(v)) for v in value]
+        return [v.strip() if v.strip() in POOL_ONLY_EDITS else "+".join(parse_edit(v)) for v in value]
 
     @model_validator(mode="after")
     def _grid_ok(self) -> Self:

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from medsynth.config.adaptation import AdaptationConfig
 from medsynth.config.base import StrictModel
+from medsynth.config.counterfactual import CounterfactualConfig
 from medsynth.config.data import DataConfig
 from medsynth.config.evaluation import SegmenterConfig, ValidationConfig
 from medsynth.config.experiment import ExperimentConfig
@@ -59,6 +60,7 @@ class MedsynthConfig(StrictModel):
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)  # type: ignore[arg-type]
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)  # type: ignore[arg-type]
     adaptation: AdaptationConfig = Field(default_factory=AdaptationConfig)  # type: ignore[arg-type]
+    counterfactual: CounterfactualConfig = Field(default_factory=CounterfactualConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _synthesis_fits(self) -> Self:

@@ -4,7 +4,9 @@ Every TRAINING mask gets ``experiment.pool_per_mask`` synthetic variants: varian
 the mask edited by ``pool_edits[k % len]`` (``none``, ``flip``, ``elastic``, ``transplant`` or a
 chain; the edit's random draws from ``(sampling seed, item index, k)``; a transplant pastes a lesion
 of ANOTHER SLICE OF THE SAME PATIENT into a lesion-free slice, so no pool item carries information
-from a patient outside its source patient), and the images of a batch of masks are drawn with a seed
+from a patient outside its source patient; ``counterfactual`` makes the same transplant but generates
+the item IN CONTEXT: the real lesion-free slice is inverted with its own mask and regenerated with the
+transplanted one, everything outside the dilated lesion kept), and the images of a batch of masks are drawn with a seed
 derived from ``(sampling seed, k, index of the batch's first item)``, so a pool is reproducible given
 the generator, the sampler settings (batch size included) and the masks. Each pool item keeps its
 SOURCE item and SOURCE PATIENT; the conditioning (possibly edited) mask is the synthetic item's label
@@ -131,15 +133,41 @@ def _masks_digest(data: ArraySet) -> str:
     return h.hexdigest()
 
 
+def _images_digest(data: ArraySet) -> str:
+    return hashlib.sha256(np.ascontiguousarray(data.images.numpy()).tobytes()).hexdigest()
+
+
+COUNTERFACTUAL = "counterfactual"
+"""The pool variant generated in context from a real slice (see :func:`make_pool`)."""
+
 POOL_VERSION = 2
 """Bumped when the pool's content changes for the same inputs (2: same-patient transplants, fallbacks)."""
 
 
+def counterfactual_settings(cfg: MedsynthConfig) -> dict[str, Any] | None:
+    """The settings a 'counterfactual' pool variant reads (None when ``pool_edits`` has none)."""
+    if COUNTERFACTUAL not in cfg.experiment.pool_edits:
+        return None
+    cc = cfg.counterfactual
+    return {
+        "steps": cc.steps,
+        "guidance_scale": cc.guidance_scale,
+        "dilate": cc.dilate,
+        "region_noise": cc.region_noise,
+    }
+
+
 def pool_key(gen_hashes: dict[str, str], sampling: SamplingConfig, train: ArraySet, cfg: MedsynthConfig) -> str:
-    """Input key of a pool: generator weights, sampler settings, training masks, variants and edits."""
+    """Input key of a pool: generator weights, sampler settings, training masks, variants and edits
+    (and the counterfactual settings, only when a variant uses them: other pools keep their keys)."""
     ec = cfg.experiment
+    extra: dict[str, Any] = {}
+    cf = counterfactual_settings(cfg)
+    if cf is not None:
+        extra["counterfactual"] = {**cf, "images": _images_digest(train)}
     return sha256_json(
         {
+            **extra,
             "version": POOL_VERSION,
             "generator": dict(sorted(gen_hashes.items())),
             "sampling": sampling.model_dump(mode="json", exclude={"calibration"}),
@@ -196,6 +224,68 @@ def pool_edit(
     used = "+".join(names)
     mask, _ = apply_edit(used, item, donors or [item], rng, cfg.synthesis, labels)
     return np.asarray(mask, dtype=np.uint8), used
+
+
+def _variant_mask(
+    spec: str,
+    index: int,
+    items: Sequence[Any],
+    same_patient: Sequence[int],
+    rng: np.random.Generator,
+    cfg: MedsynthConfig,
+    labels: dict[int, str],
+    lesion: int | None,
+) -> tuple[npt.NDArray[np.uint8], str]:
+    """The conditioning mask of one pool item and what was done: :func:`pool_edit`, or for the
+    ``counterfactual`` variant its same-patient transplant (``counterfactual`` when it changed the mask;
+    otherwise the transplant's fallback, ``elastic``, or ``none`` when the lesion fitted nowhere)."""
+    if spec != COUNTERFACTUAL:
+        return pool_edit(spec, index, items, same_patient, rng, cfg, labels, lesion)
+    mask, used = pool_edit("transplant", index, items, same_patient, rng, cfg, labels, lesion)
+    if used != "transplant":
+        return mask, used
+    changed = bool(np.any(mask != np.asarray(items[index].mask)))
+    return mask, COUNTERFACTUAL if changed else "none"
+
+
+def _generate(
+    gen: PoolGenerator,
+    batch: torch.Tensor,
+    train: ArraySet,
+    start: int,
+    in_context: list[int],
+    sampling: SamplingConfig,
+    cfg: MedsynthConfig,
+    seed: int,
+) -> torch.Tensor:
+    """Images of one pool batch (float16, CPU): from noise, except the ``in_context`` items (absolute
+    indices), which are their real slices edited to the batch's masks
+    (:func:`medsynth.synthesis.counterfactual.counterfactual`)."""
+    out = torch.zeros(tuple(batch.shape), dtype=torch.float32)
+    rel = [j - start for j in in_context]
+    plain = [j for j in range(batch.shape[0]) if j not in rel]
+    if plain:
+        out[plain] = gen.generate(batch[plain], sampling, seed).float().cpu()
+    if rel:
+        from medsynth.generator import MaskGenerator
+        from medsynth.synthesis.counterfactual import counterfactual
+
+        if not isinstance(gen, MaskGenerator):
+            raise TypeError("the 'counterfactual' pool variant needs a MaskGenerator (encoder, networks, objective)")
+        cc = cfg.counterfactual
+        res = counterfactual(
+            gen,
+            train.images[in_context].float(),
+            train.masks[in_context].to(torch.uint8),
+            batch[rel],
+            steps=cc.steps or sampling.steps,
+            guidance_scale=cc.guidance_scale if cc.guidance_scale is not None else sampling.scale,
+            dilate=cc.dilate,
+            seed=seed,
+            region_noise=cc.region_noise,
+        )
+        out[rel] = res.images
+    return out.clamp(0, 1).to(torch.float16)
 
 
 def _save_npy(path: Path, arr: npt.NDArray[Any]) -> None:
@@ -271,7 +361,7 @@ def make_pool(
         used_k: list[str] = []
         for i in range(n):
             rng = np.random.default_rng([sampling.seed, i, k])
-            m, used = pool_edit(spec, i, items, by_patient[train.patients[i]], rng, cfg, train.labels, lesion)
+            m, used = _variant_mask(spec, i, items, by_patient[train.patients[i]], rng, cfg, train.labels, lesion)
             edited_k.append(m)
             used_k.append(used)
         edited = np.stack(edited_k)
@@ -290,7 +380,8 @@ def make_pool(
                     log.warning("regenerating unreadable pool part %s: %s", part, exc)
             if out_img is None:
                 seed = int(np.random.default_rng([sampling.seed, k, start, 17]).integers(2**31 - 1))
-                out_img = gen.generate(batch, sampling, seed).float().clamp(0, 1).to(torch.float16).cpu()
+                in_context = [j for j in range(start, stop) if used_k[j] == COUNTERFACTUAL]
+                out_img = _generate(gen, batch, train, start, in_context, sampling, cfg, seed)
                 _save_npy(part, out_img.numpy())
                 ledger.record(part_id, {"variant": k, "start": start, "stop": stop})
             images.append(out_img.to(torch.float16))

@@ -66,6 +66,16 @@ def validation_external_fingerprint(cfg: MedsynthConfig) -> str | None:
     return files_fingerprint(ext) if ext else None
 
 
+def experiment_inputs(cfg: MedsynthConfig) -> str | None:
+    """What the experiment reads beyond its sections: the external test set and, only when a pool variant is
+    ``counterfactual``, the counterfactual settings it uses (so every other config keeps its key)."""
+    from medsynth.evaluation.pool import counterfactual_settings
+
+    ext = external_test_fingerprint(cfg)
+    cf = counterfactual_settings(cfg)
+    return ext if cf is None else sha256_json({"external_test": ext, "counterfactual": cf})
+
+
 def mask_source_fingerprint(cfg: MedsynthConfig) -> str | None:
     """Digest of the mask files a folder/manifest synthesis source reads (None for the split source).
 

@@ -14,11 +14,12 @@ from medsynth.pipeline.declare import Stage
 from medsynth.pipeline.digests import (
     checkpoint_digest,
     dataset_fingerprint,
-    external_test_fingerprint,
+    experiment_inputs,
     file_digest,
     mask_source_fingerprint,
     validation_external_fingerprint,
 )
+from medsynth.pipeline.edit_stages import CounterfactualResult, EditOptions, run_counterfactual, run_edit
 from medsynth.pipeline.eval_stages import ReportOptions, run_experiment, run_report, run_validate
 from medsynth.pipeline.registry import register_stage
 from medsynth.pipeline.sampling_stages import (
@@ -218,11 +219,25 @@ register_stage(
 )
 register_stage(
     Stage(
+        "counterfactual",
+        run_counterfactual,
+        reads=("counterfactual", "sampling", "autoencoder.tiling"),
+        after=("generator", "calibrate", "segmenter", "preprocess"),
+        result=CounterfactualResult,
+        cli=("counterfactual",),
+        enabled=lambda cfg: cfg.counterfactual.enabled,
+        digest=file_digest("counterfactual.json"),  # evaluation.counterfactual.REPORT
+        help="Counterfactual edits of real test scans (remove, move, scale the lesion): SSIM outside the edit region, "
+        "lesion Dice vs plain synthesis, lesions found again after removal (optional: counterfactual.enabled).",
+    )
+)
+register_stage(
+    Stage(
         "experiment",
         run_experiment,
         reads=("experiment", "sampling", "segmenter", "autoencoder.tiling"),
         after=("generator", "calibrate", "preprocess"),
-        inputs=external_test_fingerprint,
+        inputs=experiment_inputs,
         cli=("experiment",),
         fan_out=True,
         digest=file_digest("summary.csv"),
@@ -271,6 +286,20 @@ register_stage(
         in_pipeline=False,
         help="Adapt the trained generator to new data (--data) with LoRA (--method lora --rank r) or full "
         "fine-tuning; writes the adapter (safetensors + JSON) and registers it.",
+    )
+)
+register_stage(
+    Stage(
+        "edit",
+        run_edit,
+        after=("generator", "calibrate"),
+        cli=("edit",),
+        options=EditOptions,
+        managed=lambda o: False,  # the user's own folder: never cached, never overwritten
+        in_pipeline=False,
+        help="Counterfactual edit of real scans: --image X --mask M --edit remove|move:dx,dy|scale:f|mask:NEW "
+        "(or --batch edits.csv) --out DIR; invert with the original mask, regenerate with the edited one, keep the "
+        "rest.",
     )
 )
 register_stage(

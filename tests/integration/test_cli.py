@@ -248,6 +248,8 @@ COMMANDS = {
             "export",  # tests/unit/synthesis/test_export.py
             "adapt",  # tests/integration/test_site_adaptation.py
             "adaptation",  # tests/integration/test_site_adaptation.py
+            "edit",  # tests/integration/test_counterfactual.py
+            "counterfactual",  # tests/integration/test_counterfactual.py
             "status",
             "plan",  # tests/unit/data/test_plan.py
             "promote",  # tests/integration/test_model_registry.py

@@ -125,3 +125,10 @@ def test_imports_never_run_back_up_the_layers() -> None:
 def test_the_layer_check_sees_real_imports() -> None:
     assert "generator" in _medsynth_imports(LIB / "training" / "diffusion.py")
     assert "pipeline" in _medsynth_imports(LIB / "cli.py")
+
+
+def test_samplers_and_inversion_never_import_networks() -> None:
+    """``diffusion/`` (samplers, DDIM inversion, blending) reaches networks only through ``denoise(x, t, cond)``."""
+    offenders = [p.name for p in (LIB / "diffusion").glob("*.py") if _medsynth_imports(p) & {"models", "generator"}]
+    assert offenders == []
+    assert "diffusion" in _medsynth_imports(LIB / "synthesis" / "counterfactual.py")  # the check sees real imports
