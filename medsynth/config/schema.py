@@ -6,6 +6,7 @@ from typing import Self
 
 from pydantic import Field, model_validator
 
+from medsynth.config.analysis import AnalysisConfig
 from medsynth.config.base import StrictModel
 from medsynth.config.data import DataConfig
 from medsynth.config.evaluation import SegmenterConfig, ValidationConfig
@@ -55,6 +56,7 @@ class MedsynthConfig(StrictModel):
     segmenter: SegmenterConfig = Field(default_factory=SegmenterConfig)  # type: ignore[arg-type]
     validation: ValidationConfig = Field(default_factory=ValidationConfig)  # type: ignore[arg-type]
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)  # type: ignore[arg-type]
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _synthesis_fits(self) -> Self:

@@ -17,7 +17,14 @@ from medsynth.pipeline.digests import (
     file_digest,
     mask_source_fingerprint,
 )
-from medsynth.pipeline.eval_stages import ReportOptions, run_experiment, run_report, run_validate
+from medsynth.pipeline.eval_stages import (
+    AnalysisResult,
+    ReportOptions,
+    run_analysis,
+    run_experiment,
+    run_report,
+    run_validate,
+)
 from medsynth.pipeline.registry import register_stage
 from medsynth.pipeline.sampling_stages import (
     CalibrationResult,
@@ -216,11 +223,26 @@ register_stage(
         reads=("experiment", "sampling", "segmenter", "autoencoder.tiling"),
         after=("generator", "calibrate", "preprocess"),
         inputs=external_test_fingerprint,
+        version=2,  # 2: cell_scores.json (per-item test scores with the test item ids, for the bias report)
         cli=("experiment",),
         fan_out=True,
         digest=file_digest("summary.csv"),
         help="Downstream augmentation grid: a task model on limited real data, with and without synthetic data, "
         "over real-data fractions, synthetic ratios and seeds.",
+    )
+)
+register_stage(
+    Stage(
+        "analysis",
+        run_analysis,
+        reads=("analysis", "validation", "sampling", "autoencoder.tiling"),
+        after=("generator", "calibrate", "segmenter", "features", "preprocess", "validate", "experiment"),
+        result=AnalysisResult,
+        cli=("analyse",),
+        enabled=lambda cfg: cfg.analysis.enabled,
+        digest=file_digest("analysis_report.json"),  # evaluation.analysis.REPORT_JSON
+        help="Latent map (UMAP of feature/latent embeddings, coverage of real test items by synthetic ones) and "
+        "bias report (plausibility and downstream scores per site and lesion-size tertile, flagged subgroups).",
     )
 )
 register_stage(
@@ -239,7 +261,7 @@ register_stage(
     Stage(
         "report",
         run_report,
-        after=("check", "generator", "calibrate", "synthesize", "validate", "experiment"),
+        after=("check", "generator", "calibrate", "synthesize", "validate", "experiment", "analysis"),
         options=ReportOptions,
         enabled=lambda cfg: cfg.tracking.enabled,
         managed=lambda o: isinstance(o, ReportOptions) and o.pipeline_run_id is not None,
