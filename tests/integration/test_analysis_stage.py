@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from medsynth.config.loader import validate_config
 from medsynth.config.schema import MedsynthConfig
@@ -70,6 +71,15 @@ def test_analysis_stage_writes_map_and_bias_report_and_tracks_them(pipeline_conf
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "analysis")}
     assert {"analysis/bias.csv", "analysis/latent_map.csv", "analysis/analysis_report.json"} <= arts
     assert ("analysis/latent_map.png" in arts) == umap_available()
+    # the CLI command derived from the declaration: the same stage, up to date
+    from typer.testing import CliRunner
+
+    from medsynth.cli import app
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    cli = CliRunner().invoke(app, ["analyse", "-c", str(cfg_path), "--device", "cpu"])
+    assert cli.exit_code == 0 and "analysis: up to date (cached)" in cli.output, cli.output
     # the whitepaper section reads the report: the reading from the coverage numbers, the bias table
     rec = RunRecord(run.info.run_id, "analysis", "analysis", "FINISHED", 0, 1, {}, {}, {})
     pipe = PipelineRecord("uri", "tiny", "0", rec, {"analysis": rec}, [], [])

@@ -245,6 +245,7 @@ COMMANDS = {
             "synthesize",
             "validate",
             "experiment",
+            "analyse",  # tests/integration/test_analysis_stage.py
             "export",  # tests/unit/synthesis/test_export.py
             "status",
             "plan",  # tests/unit/data/test_plan.py
