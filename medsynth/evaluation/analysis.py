@@ -198,6 +198,7 @@ def _latent_map(
         u = ac.umap
         coords = umap_2d(points, u.n_neighbors, u.min_dist, u.metric, u.seed)
     files = [write_map_csv(out / MAP_CSV, coords, items)]
+    (out / MAP_PNG).unlink(missing_ok=True)  # never leave an earlier run's map beside these numbers
     if coords is not None:
         title = f"{cfg.name}: {ac.embedding} embedding, UMAP ({cov['reading'].split(':')[0]})"
         files.append(map_figure(out / MAP_PNG, coords, items, title))

@@ -80,6 +80,25 @@ def test_analysis_stage_writes_map_and_bias_report_and_tracks_them(pipeline_conf
     cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     cli = CliRunner().invoke(app, ["analyse", "-c", str(cfg_path), "--device", "cpu"])
     assert cli.exit_code == 0 and "analysis: up to date (cached)" in cli.output, cli.output
+    # without umap-learn (import blocked): the same coverage, the map n/a and no PNG left behind
+    import sys
+
+    from medsynth.evaluation.latent_map import UMAP_MISSING
+    from medsynth.pipeline import run_stage
+
+    saved = sys.modules.get("umap", "absent")
+    sys.modules["umap"] = None  # type: ignore[assignment]
+    try:
+        again = run_stage(cfg, "analysis", device="cpu", track=False, force=True).result
+    finally:
+        if saved == "absent":
+            del sys.modules["umap"]
+        else:
+            sys.modules["umap"] = saved  # type: ignore[assignment]
+    assert isinstance(again, AnalysisResult) and again.coverage == res.coverage
+    rep2 = json.loads((out / "analysis_report.json").read_text(encoding="utf-8"))
+    assert rep2["latent_map"]["umap"] == UMAP_MISSING and not (out / "latent_map.png").exists()
+    assert UMAP_MISSING in (out / "analysis_summary.md").read_text(encoding="utf-8")
     # the whitepaper section reads the report: the reading from the coverage numbers, the bias table
     rec = RunRecord(run.info.run_id, "analysis", "analysis", "FINISHED", 0, 1, {}, {}, {})
     pipe = PipelineRecord("uri", "tiny", "0", rec, {"analysis": rec}, [], [])
