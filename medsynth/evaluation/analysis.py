@@ -1,11 +1,12 @@
 """The analysis stage: the latent map (coverage of real test items by synthetic ones) and the bias report.
 
 Inputs are the outputs of the stages before it: the generator, the real-data segmenter, the feature
-encoder, the preprocessing cache and the downstream grid's per-item test scores
-(``experiment/cell_scores.json``). The synthetic images of the plausibility part are generated from
-the test masks exactly as the validation stage does (same items, seed and sampler), so the bias
-report's ``all`` row reproduces the validation report's lesion numbers; the synthetic items of the
-latent map are generated from TRAINING masks (:mod:`medsynth.evaluation.latent_map` says why).
+encoder, the preprocessing cache, the validation stage's synthetic test images
+(``validation/synthetic_test.npz``) and the downstream grid's per-item test scores
+(``experiment/cell_scores.json``). The plausibility part uses the validation stage's own synthetic
+images (the same items), so the bias report's ``all`` row reproduces the validation report's lesion
+numbers; the synthetic items of the latent map are generated from TRAINING masks
+(:mod:`medsynth.evaluation.latent_map` says why).
 
 Outputs (``<out>/``): ``analysis_report.json``, ``analysis_summary.md``, ``bias.csv`` (one row per
 subgroup and measure), ``latent_map.csv`` (2D coordinates and the colouring fields of every item) and
@@ -80,16 +81,34 @@ def embed(cfg: MedsynthConfig, gen: MaskGenerator, features_run: str | Path | No
 
 
 def _plausibility_items(
-    cfg: MedsynthConfig, gen: MaskGenerator, test: ArraySet, segmenter_run: str | Path, progress: Progress
+    cfg: MedsynthConfig,
+    gen: MaskGenerator,
+    test: ArraySet,
+    segmenter_run: str | Path,
+    validation_dir: Path | None,
+    progress: Progress,
 ) -> dict[str, np.ndarray]:
-    """Per test item: lesion Dice real/synthetic, false positives on lesion-free masks, lesion contrast."""
+    """Per test item: lesion Dice real/synthetic, false positives on lesion-free masks, lesion contrast.
+
+    The synthetic images are the validation stage's (``synthetic_test.npz``); generated again the same way
+    (items, seed, sampler) when that file is missing or holds other items.
+    """
     from medsynth.evaluation.metrics import dice_per_label, false_positive_flags, label_contrast
     from medsynth.evaluation.segmenter import load_segmenter, predict
-    from medsynth.evaluation.validate import contrast_reference, generate_for, lesion_label
+    from medsynth.evaluation.validate import (
+        SYNTHETIC_NPZ,
+        contrast_reference,
+        generate_for,
+        lesion_label,
+        load_synthetic,
+    )
 
     vc = cfg.validation
     lesion = lesion_label(cfg)
-    synth = generate_for(gen, test.masks, cfg, seed=vc.seed, progress=progress)  # as the validation stage
+    synth = load_synthetic(validation_dir / SYNTHETIC_NPZ, test.item_ids) if validation_dir is not None else None
+    if synth is None:
+        log.info("analysis: the validation stage's synthetic images are missing; generating them again")
+        synth = generate_for(gen, test.masks, cfg, seed=vc.seed, progress=progress)
     seg = load_segmenter(cfg, segmenter_run, gen.device)
     out: dict[str, np.ndarray] = {}
     ref = contrast_reference(cfg)
@@ -268,6 +287,7 @@ def run_analysis(
     out_dir: str | Path,
     tracker: Tracker | None = None,
     progress: Progress | None = None,
+    validation_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Latent map + coverage and the bias report; writes the outputs listed in the module doc.
 
@@ -281,6 +301,7 @@ def run_analysis(
         out_dir: Output folder.
         tracker: Receives the metrics, the PNG and the CSV/JSON files.
         progress: One ``advance()`` per generated image.
+        validation_dir: The validation stage's folder (its synthetic test images), or None: generate them.
 
     Returns:
         The report (also ``analysis_report.json``).
@@ -297,7 +318,8 @@ def run_analysis(
 
     lesion = lesion_label(cfg)
     # --- bias: plausibility per subgroup (the validation stage's items, seed and sampler) ---
-    per_item = _plausibility_items(cfg, gen, test, segmenter_run, prog)
+    val_dir = Path(validation_dir) if validation_dir is not None else None
+    per_item = _plausibility_items(cfg, gen, test, segmenter_run, val_dir, prog)
     voxels = lesion_voxels(test.masks, lesion)
     groups, edges = _groupings(cfg, test.patients, voxels)
     plaus = plausibility_by_group(

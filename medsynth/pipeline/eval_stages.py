@@ -148,6 +148,7 @@ def run_analysis(run: StageRun) -> AnalysisResult:
         run.out,
         run.tracker,
         run.progress,
+        run.path("validate"),
     )
     metrics = flat_metrics(rep)
     cov = rep["latent_map"]

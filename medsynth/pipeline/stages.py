@@ -208,7 +208,8 @@ register_stage(
         run_validate,
         reads=("validation", "sampling", "autoencoder.tiling"),
         after=("generator", "calibrate", "segmenter", "features", "preprocess"),
-        version=3,  # 2: label contrast; 3: contrast, worst cases and diversity on the lesion label only
+        version=4,  # 2: label contrast; 3: contrast, worst cases and diversity on the lesion label only;
+        # 4: synthetic_test.npz (the synthetic test images, reused by the analysis stage)
         folder="validation",
         cli=("validate",),
         digest=file_digest("validation_report.json"),  # evaluation.validate.REPORT_JSON

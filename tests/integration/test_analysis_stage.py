@@ -59,7 +59,8 @@ def test_analysis_stage_writes_map_and_bias_report_and_tracks_them(pipeline_conf
     assert {r["task"] for r in rep["downstream"]["rows"]} == {"segmentation"}
     bias = (out / "bias.csv").read_text(encoding="utf-8")
     assert bias.startswith("part,task,arm") and "plausibility" in bias and "downstream" in bias
-    # the 'all' row reproduces the validation stage's lesion Dice ratio (same items, seed, sampler)
+    # the 'all' row reproduces the validation stage's lesion Dice ratio (its own synthetic images, kept by it)
+    assert (tmp_path / "out" / "tiny" / "validation" / "synthetic_test.npz").is_file()
     val = json.loads(Path(outs["validate"].result.outputs["report"]).read_text(encoding="utf-8"))  # type: ignore[union-attr]
     ratio = val["plausibility"]["per_label"]["lesion"]["ratio"]["value"]
     assert plaus[0]["dice_ratio"]["value"] == pytest.approx(ratio, abs=1e-6)
