@@ -7,6 +7,7 @@ from typing import Self
 from pydantic import Field, model_validator
 
 from medsynth.config.adaptation import AdaptationConfig
+from medsynth.config.analysis import AnalysisConfig
 from medsynth.config.base import StrictModel
 from medsynth.config.counterfactual import CounterfactualConfig
 from medsynth.config.data import DataConfig
@@ -61,6 +62,7 @@ class MedsynthConfig(StrictModel):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)  # type: ignore[arg-type]
     adaptation: AdaptationConfig = Field(default_factory=AdaptationConfig)  # type: ignore[arg-type]
     counterfactual: CounterfactualConfig = Field(default_factory=CounterfactualConfig)  # type: ignore[arg-type]
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _synthesis_fits(self) -> Self:

@@ -15,6 +15,7 @@ the records each time.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from medsynth.evaluation.experiment_report import (
 )
 from medsynth.evaluation.pool import SyntheticPool
 from medsynth.evaluation.selection import Cell, PatientLeakError, check_no_leak, grid_cells, resolve_tasks, select_cell
-from medsynth.fileio import sha256_json
+from medsynth.fileio import sha256_json, write_text_atomic
 from medsynth.ledger import ItemLedger
 from medsynth.progress import NullProgress, Progress
 from medsynth.tracking.base import NullTracker, Tracker
@@ -48,9 +49,20 @@ from medsynth.training.common import set_threads
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CELLS_FILE", "CellMap", "GridResult", "TrackerFactory", "grid_key", "run_grid", "sequential_map"]
+__all__ = [
+    "CELLS_FILE",
+    "CELL_SCORES_FILE",
+    "CellMap",
+    "GridResult",
+    "TrackerFactory",
+    "grid_key",
+    "run_grid",
+    "sequential_map",
+]
 
 CELLS_FILE = "cells.jsonl"
+CELL_SCORES_FILE = "cell_scores.json"
+"""Per-item test scores of the current grid's cells with the test item ids (sliced by the bias report)."""
 PLOT_FILE = "downstream_vs_fraction.png"
 GRID_VERSION = 2
 """Bumped when a cell's result changes for the same inputs (2: early stopping, tasks list, new metrics)."""
@@ -151,6 +163,21 @@ def eval_subset(data: ArraySet | None, max_items: int | None) -> ArraySet | None
         return data
     keep = np.unique(np.linspace(0, len(data) - 1, max_items).round().astype(np.int64))
     return data.subset([int(i) for i in keep])
+
+
+def write_cell_scores(path: Path, key: str, test: ArraySet, records: list[CellRecord]) -> Path:
+    """``cell_scores.json``: the test item ids/patients and each cell's per-item test scores (compact, aligned)."""
+    cells = [
+        {
+            k: v
+            for k, v in r.model_dump(mode="json").items()
+            if k in ("cell", "task", "arm", "fraction", "ratio", "seed")
+        }
+        | {"test_scores": r.test_scores}
+        for r in records
+    ]
+    payload = {"key": key, "test_items": test.item_ids, "test_patients": test.patients, "cells": cells}
+    return write_text_atomic(path, json.dumps(payload, separators=(",", ":")) + "\n")
 
 
 def sequential_map(
@@ -282,6 +309,7 @@ def run_grid(
     todo = [c for c in cells if c.name not in done]
     (cell_map or sequential_map)(work, todo, on_done)
     records = [done[c.name] for c in cells]
+    write_cell_scores(out / CELL_SCORES_FILE, key, test_e, records)
     tasks = resolve_tasks(cfg)
     summary: list[SummaryRow] = []
     growth: dict[str, GrowthCheck] = {}

@@ -24,7 +24,7 @@ from medsynth.evaluation.plausibility import contrast_report, plausibility_repor
 from medsynth.evaluation.realism import realism_report
 from medsynth.evaluation.segmenter import load_segmenter, predict
 from medsynth.evaluation.stats import format_estimate, format_value
-from medsynth.fileio import write_json_atomic, write_text_atomic
+from medsynth.fileio import write_atomic, write_json_atomic, write_text_atomic
 from medsynth.generator import MaskGenerator
 from medsynth.privacy import MAP_FILE, privacy_dir, pseudonymiser
 from medsynth.progress import NullProgress, Progress
@@ -33,6 +33,8 @@ from medsynth.tracking.base import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 REPORT_JSON, REPORT_MD = "validation_report.json", "validation_summary.md"
+SYNTHETIC_NPZ = "synthetic_test.npz"
+"""The synthetic image of every validated test item (float16, with the item ids), reused by the analysis stage."""
 
 
 def generate_for(
@@ -236,6 +238,8 @@ def run_validation(
 
     # --- synthetic images from the test masks ---
     synth = generate_for(gen, test.masks, cfg, seed=vc.seed, progress=progress)
+
+    save_synthetic(out / SYNTHETIC_NPZ, synth, test.item_ids)
 
     # --- plausibility: the same real-data segmenter on real and synthetic images ---
     seg = load_segmenter(cfg, segmenter_run, dev)
@@ -493,6 +497,26 @@ def validate_external(
         "contrast": contrast,
         "realism": realism,
     }
+
+
+def save_synthetic(path: Path, images: torch.Tensor, item_ids: list[str]) -> Path:
+    """Write ``images`` ``(N, 1, *S)`` (float16) with their item ids as ``.npz``, atomically."""
+    import numpy as np
+
+    arrays = {"images": images.to(torch.float16).numpy(), "item_ids": np.asarray(item_ids, dtype=str)}
+    return write_atomic(path, lambda p: np.savez_compressed(p, **arrays))  # type: ignore[arg-type]
+
+
+def load_synthetic(path: Path, item_ids: list[str]) -> torch.Tensor | None:
+    """The images :func:`save_synthetic` wrote for exactly these item ids (float32), else None."""
+    import numpy as np
+
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        if [str(i) for i in z["item_ids"]] != list(item_ids):
+            return None
+        return torch.from_numpy(z["images"]).float()
 
 
 @torch.no_grad()

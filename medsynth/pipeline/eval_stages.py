@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from medsynth.config.schema import MedsynthConfig
 from medsynth.pipeline.declare import StageResult, StageRun
@@ -108,6 +108,71 @@ def run_experiment(run: StageRun) -> StageResult:
         },
         artifacts={"experiment": [str(res.summary_md), str(res.summary_csv), str(res.plot)]},
         headline={**headline, **growth},
+    )
+
+
+class AnalysisResult(StageResult):
+    """Result of the analysis stage: coverage of the real test items by synthetic ones and flagged subgroups.
+
+    Attributes:
+        coverage: Fraction of real test items whose nearest neighbour among real train + synthetic items is
+            synthetic and within the real-real radius (None: n/a).
+        recall: Fraction of real test items with a synthetic item within the radius (None: n/a).
+        precision: Fraction of synthetic items within the radius of a real test item (None: n/a).
+        flagged: Subgroups flagged by the bias report (``"plausibility site=CS: Dice ratio < 0.95"``).
+    """
+
+    coverage: float | None = None
+    recall: float | None = None
+    precision: float | None = None
+    flagged: list[str] = Field(default_factory=list)
+
+
+def run_analysis(run: StageRun) -> AnalysisResult:
+    """Latent map (UMAP + coverage) of real and synthetic items and the bias report per site / lesion size."""
+    from medsynth.evaluation.analysis import BIAS_CSV, MAP_CSV, MAP_PNG, REPORT_JSON
+    from medsynth.evaluation.analysis import run_analysis as analyse
+    from medsynth.evaluation.analysis_summary import flat_metrics
+    from medsynth.generator import load_generator
+
+    cfg = resolved_sampling(run)
+    gen = load_generator(cfg, run.path("autoencoder"), run.path("unet"), run.path("controlnet"), run.torch_device())
+    features_run = None if cfg.validation.feature_weights else run.path("features")
+    rep = analyse(
+        cfg,
+        gen,
+        run.path("preprocess"),
+        run.path("segmenter"),
+        features_run,
+        run.path("experiment"),
+        run.out,
+        run.tracker,
+        run.progress,
+        run.path("validate"),
+    )
+    metrics = flat_metrics(rep)
+    cov = rep["latent_map"]
+    flagged = [
+        f"plausibility {r['grouping']}={r['group']}: {'; '.join(r['flags'])}" for r in rep["plausibility"] if r["flags"]
+    ]
+    flagged += [
+        f"downstream {r['task']} {r['arm']} f{r['fraction']:g} r{r['ratio']} {r['grouping']}={r['group']}: "
+        + "; ".join(r["flags"])
+        for r in rep["downstream"]["rows"]
+        if r["flags"]
+    ]
+    outputs = {"report": str(run.out / REPORT_JSON), "bias": str(run.out / BIAS_CSV), "map": str(run.out / MAP_CSV)}
+    if (run.out / MAP_PNG).is_file():
+        outputs["map_png"] = str(run.out / MAP_PNG)
+    return AnalysisResult(
+        metrics=metrics,
+        outputs=outputs,
+        headline={k: v for k, v in metrics.items() if k in ("analysis/coverage", "analysis/n_flagged_plausibility")},
+        coverage=cov.get("coverage"),
+        recall=cov.get("recall"),
+        precision=cov.get("precision"),
+        flagged=flagged,
+        message=f"{cov.get('reading', '')} {len(flagged)} subgroup(s) flagged.",
     )
 
 

@@ -20,7 +20,14 @@ from medsynth.pipeline.digests import (
     validation_external_fingerprint,
 )
 from medsynth.pipeline.edit_stages import CounterfactualResult, EditOptions, run_counterfactual, run_edit
-from medsynth.pipeline.eval_stages import ReportOptions, run_experiment, run_report, run_validate
+from medsynth.pipeline.eval_stages import (
+    AnalysisResult,
+    ReportOptions,
+    run_analysis,
+    run_experiment,
+    run_report,
+    run_validate,
+)
 from medsynth.pipeline.registry import register_stage
 from medsynth.pipeline.sampling_stages import (
     CalibrationResult,
@@ -209,7 +216,8 @@ register_stage(
         reads=("validation", "sampling", "autoencoder.tiling", "privacy"),
         after=("generator", "calibrate", "segmenter", "features", "preprocess"),
         inputs=validation_external_fingerprint,
-        version=3,  # 2: label contrast; 3: contrast, worst cases and diversity on the lesion label only
+        version=4,  # 2: label contrast; 3: contrast, worst cases and diversity on the lesion label only;
+        # 4: synthetic_test.npz (the synthetic test images, reused by the analysis stage)
         folder="validation",
         cli=("validate",),
         digest=file_digest("validation_report.json"),  # evaluation.validate.REPORT_JSON
@@ -238,11 +246,26 @@ register_stage(
         reads=("experiment", "sampling", "segmenter", "autoencoder.tiling"),
         after=("generator", "calibrate", "preprocess"),
         inputs=experiment_inputs,
+        version=2,  # 2: cell_scores.json (per-item test scores with the test item ids, for the bias report)
         cli=("experiment",),
         fan_out=True,
         digest=file_digest("summary.csv"),
         help="Downstream augmentation grid: a task model on limited real data, with and without synthetic data, "
         "over real-data fractions, synthetic ratios and seeds.",
+    )
+)
+register_stage(
+    Stage(
+        "analysis",
+        run_analysis,
+        reads=("analysis", "validation", "sampling", "autoencoder.tiling"),
+        after=("generator", "calibrate", "segmenter", "features", "preprocess", "validate", "experiment"),
+        result=AnalysisResult,
+        cli=("analyse",),
+        enabled=lambda cfg: cfg.analysis.enabled,
+        digest=file_digest("analysis_report.json"),  # evaluation.analysis.REPORT_JSON
+        help="Latent map (UMAP of feature/latent embeddings, coverage of real test items by synthetic ones) and "
+        "bias report (plausibility and downstream scores per site and lesion-size tertile, flagged subgroups).",
     )
 )
 register_stage(
@@ -306,7 +329,7 @@ register_stage(
     Stage(
         "report",
         run_report,
-        after=("check", "generator", "calibrate", "synthesize", "validate", "experiment"),
+        after=("check", "generator", "calibrate", "synthesize", "validate", "experiment", "analysis"),
         options=ReportOptions,
         enabled=lambda cfg: cfg.tracking.enabled,
         managed=lambda o: isinstance(o, ReportOptions) and o.pipeline_run_id is not None,

@@ -26,6 +26,7 @@ FIGURES = {
     "controlnet": ("samples/controlnet", "controlnet"),
     "validate": ("validation", "validation"),
     "experiment": ("experiment", "experiment"),
+    "analysis": ("analysis", "analysis"),
 }
 """Stage -> (artifact folder, local subfolder) whose PNG files a report copies."""
 
@@ -39,6 +40,7 @@ class ExperimentResults:
         config: The resolved config of the parent run (nested dict).
         validation: The validation report (``validation_report.json``), None if the stage did not run.
         experiment_rows: Rows of the downstream summary (``summary.csv``), empty if it did not run.
+        analysis: The analysis report (``analysis_report.json``: latent map, bias), None if the stage did not run.
         figures: Name -> local path (relative to the report folder) of each copied figure.
     """
 
@@ -46,6 +48,7 @@ class ExperimentResults:
     config: dict[str, Any]
     validation: dict[str, Any] | None = None
     experiment_rows: list[dict[str, Any]] = field(default_factory=list)
+    analysis: dict[str, Any] | None = None
     figures: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -129,6 +132,10 @@ def collect(
         if exp is not None:
             path = _find(tracking_uri, exp, "experiment", "summary.csv", scratch)
             res.experiment_rows = _read_csv(path) if path else []
+        ana = rec.stages.get("analysis")
+        if ana is not None:
+            path = _find(tracking_uri, ana, "analysis", "analysis_report.json", scratch)
+            res.analysis = json.loads(path.read_text(encoding="utf-8")) if path else None
         fig_dir = out / fig_subdir / experiment
         shutil.rmtree(fig_dir, ignore_errors=True)
         fig_dir.mkdir(parents=True, exist_ok=True)

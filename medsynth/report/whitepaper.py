@@ -18,6 +18,7 @@ from medsynth.errors import DataError
 from medsynth.evaluation.stats import format_estimate
 from medsynth.fileio import write_text_atomic
 from medsynth.report import prose
+from medsynth.report.analysis import analysis_section
 from medsynth.report.benchmarks import guidance_section, sampler_section
 from medsynth.report.collect import ExperimentResults, collect
 from medsynth.report.tables import duration, md_table, num, run_ref
@@ -415,6 +416,15 @@ def render(
             *downstream_section(res),
             "",
             *_figure(res, "experiment/*", f"{res.name}: downstream metric vs real-data fraction"),
+            "**Latent map and bias.**",
+            "",
+            *analysis_section(res),
+            "",
+            *_figure(
+                res,
+                "analysis/latent_map",
+                f"{res.name}: UMAP of real train, real test and synthetic items (by set, lesion, lesion size, site)",
+            ),
         ]
     lines += [
         f"### 4.{len(results) + 1} Sampler speed and quality",

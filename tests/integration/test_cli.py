@@ -245,6 +245,7 @@ COMMANDS = {
             "synthesize",
             "validate",
             "experiment",
+            "analyse",  # tests/integration/test_analysis_stage.py
             "export",  # tests/unit/synthesis/test_export.py
             "adapt",  # tests/integration/test_site_adaptation.py
             "adaptation",  # tests/integration/test_site_adaptation.py

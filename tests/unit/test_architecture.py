@@ -132,3 +132,33 @@ def test_samplers_and_inversion_never_import_networks() -> None:
     offenders = [p.name for p in (LIB / "diffusion").glob("*.py") if _medsynth_imports(p) & {"models", "generator"}]
     assert offenders == []
     assert "diffusion" in _medsynth_imports(LIB / "synthesis" / "counterfactual.py")  # the check sees real imports
+
+
+ANALYSIS_MODULES = {
+    "evaluation/latent_map.py": "evaluation",
+    "evaluation/bias.py": "evaluation",
+    "evaluation/analysis.py": "evaluation",
+    "evaluation/analysis_summary.py": "evaluation",
+    "config/analysis.py": "config",
+    "report/analysis.py": "report",
+}
+"""The analysis stage's modules (issue 16) and their layers: the library computes, the report only renders."""
+
+
+def test_analysis_modules_sit_in_their_layers() -> None:
+    for rel, unit in ANALYSIS_MODULES.items():
+        path = LIB / rel
+        assert _unit(path) == unit, rel
+        deps = _medsynth_imports(path) & set(LAYERS)
+        assert all(LAYERS[d] <= LAYERS[unit] for d in deps), (rel, deps)
+    assert "pipeline" not in _medsynth_imports(LIB / "evaluation" / "analysis.py")
+    assert "evaluation" in _medsynth_imports(LIB / "report" / "analysis.py")  # it renders the library's text
+
+
+def test_umap_is_imported_in_one_module_only() -> None:
+    users = {
+        str(p.relative_to(LIB))
+        for p in LIB.rglob("*.py")
+        if "umap" in _imports(p) or 'import_module("umap")' in p.read_text(encoding="utf-8")
+    }
+    assert users == {"evaluation/latent_map.py"}  # an optional extra: one place to say "not installed"

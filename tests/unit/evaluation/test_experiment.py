@@ -38,7 +38,7 @@ from medsynth.evaluation.classifier import (
     weighted_auroc,
     youden_threshold,
 )
-from medsynth.evaluation.grid import CELLS_FILE, run_grid
+from medsynth.evaluation.grid import CELL_SCORES_FILE, CELLS_FILE, run_grid
 from medsynth.evaluation.pool import SyntheticPool, make_pool
 from medsynth.evaluation.selection import (
     PatientLeakError,
@@ -393,6 +393,12 @@ def test_run_grid_writes_summary_and_resumes(splits: tuple[ArraySet, ArraySet, A
     assert len(rec["test_scores"]) == len(test) and {"auroc", "sens_at_spec90", "f1"} <= set(rec["metrics"])
     conv = rec["convergence"]
     assert conv["curve"] and conv["chosen_step"] in [s for s, _ in conv["curve"]]
+    # per-item scores with the test item ids, for the bias report: every cell, aligned with the test items
+    scores = json.loads((tmp_path / CELL_SCORES_FILE).read_text(encoding="utf-8"))
+    assert scores["test_items"] == test.item_ids and scores["test_patients"] == test.patients
+    assert [c["cell"] for c in scores["cells"]] == names
+    by_cell = {c["cell"]: c for c in scores["cells"]}
+    assert by_cell[rec["cell"]]["test_scores"] == rec["test_scores"] and by_cell[rec["cell"]]["ratio"] == rec["ratio"]
     for p in (res.summary_csv, res.summary_md, res.plot):
         assert p.is_file() and p.stat().st_size > 0
     assert res.plot.read_bytes()[:8] == PNG_MAGIC
