@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 def run_validate(run: StageRun) -> StageResult:
     """Plausibility, visibility, realism, diversity and memorisation of images from test masks."""
-    from medsynth.evaluation.validate import REPORT_JSON, flat_metrics, run_validation
+    from medsynth.evaluation.validate import REPORT_JSON, run_validation
+    from medsynth.evaluation.validation_report import flat_metrics
     from medsynth.generator import load_generator
 
     cfg = resolved_sampling(run)
