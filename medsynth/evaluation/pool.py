@@ -261,9 +261,10 @@ def _generate(
     """Images of one pool batch (float16, CPU): from noise, except the ``in_context`` items (absolute
     indices), which are their real slices edited to the batch's masks
     (:func:`medsynth.synthesis.counterfactual.counterfactual`)."""
-    out = torch.zeros(tuple(batch.shape), dtype=torch.float32)
     rel = [j - start for j in in_context]
     plain = [j for j in range(batch.shape[0]) if j not in rel]
+    # images carry the data's channels (several for multi-contrast data), masks one
+    out = torch.zeros((batch.shape[0], train.images.shape[1], *batch.shape[2:]), dtype=torch.float32)
     if plain:
         out[plain] = gen.generate(batch[plain], sampling, seed).float().cpu()
     if rel:
