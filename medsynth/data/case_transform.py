@@ -23,6 +23,7 @@ from medsynth.data.transforms import (
     MASK,
     geometry_transforms,
     intensity_source_range,
+    intensity_source_ranges,
     intensity_transform,
     pad_crop_transform,
     to_meta,
@@ -41,7 +42,9 @@ class TransformedCase:
         mask: ``(*S')`` int64 labels, the derived label merged in when it is enabled and an image was given.
         original_foreground: ``(*S')`` voxels holding a non-background label of the input mask.
         affine: ``(D+1, D+1)`` RAS affine of the transformed arrays.
-        source_range: ``(lo, hi)`` source intensities mapped to 0 and 1 (percentile scaling), else None.
+        source_range: ``(lo, hi)`` source intensities of channel 0 mapped to 0 and 1 (percentile scaling), else None.
+        source_ranges: One ``(lo, hi)`` per channel (multi-contrast images scale each contrast on its own), else
+            None.
     """
 
     image: Any
@@ -49,6 +52,7 @@ class TransformedCase:
     original_foreground: npt.NDArray[np.bool_]
     affine: npt.NDArray[np.float64]
     source_range: tuple[float, float] | None
+    source_ranges: tuple[tuple[float, float], ...] | None = None
 
 
 def transform_case(
@@ -84,6 +88,7 @@ def transform_case(
         }
     )
     source_range = intensity_source_range(d[IMAGE], pc.intensity) if image is not None else None
+    source_ranges = intensity_source_ranges(d[IMAGE], pc.intensity) if image is not None else None
     if image is not None:
         d = intensity_transform(pc.intensity)(d)
     mask_np = np.asarray(d[MASK][0]).round().astype(np.int64)
@@ -93,7 +98,7 @@ def transform_case(
         derived = foreground_label(np.asarray(d[IMAGE][0]), pc.derived_label)
         mask_np = merge_derived(mask_np, derived, pc.derived_label.index)
     aff = np.asarray(d[MASK].affine, dtype=np.float64)
-    return TransformedCase(out_image, mask_np, orig_fg, aff, source_range)
+    return TransformedCase(out_image, mask_np, orig_fg, aff, source_range, source_ranges)
 
 
 def to_model_grid(

@@ -71,25 +71,44 @@ def foreground_percentiles(x: torch.Tensor, lower: float, upper: float) -> tuple
     return float(q[0]), float(q[1])
 
 
-def intensity_source_range(image: torch.Tensor, cfg: IntensityConfig) -> tuple[float, float] | None:
-    """The source intensities that :func:`intensity_transform` maps to 0 and 1 for this image.
+def intensity_source_ranges(image: torch.Tensor, cfg: IntensityConfig) -> tuple[tuple[float, float], ...] | None:
+    """The source intensities that :func:`intensity_transform` maps to 0 and 1, one range per channel.
 
     ``image`` is the volume as the intensity transform receives it (after the geometry transforms),
-    ``(C, *S)``: the range is channel 0's (each channel has its own). Model intensity ``x`` in
-    ``[0, 1]`` corresponds to ``lo + x * (hi - lo)`` of the source scale.
+    ``(C, *S)``. Model intensity ``x`` in ``[0, 1]`` of channel ``c`` corresponds to
+    ``lo_c + x * (hi_c - lo_c)`` of that channel's source scale (each contrast is scaled on its own).
+    A channel that the transform leaves unchanged (no foreground voxels) gets ``(0.0, 1.0)``, the identity.
 
     Returns:
-        ``(lo, hi)`` for the percentile method; None for z-scoring (no bounded inverse) or an empty image.
+        ``C`` pairs ``(lo, hi)`` for the percentile method; None for z-scoring (no bounded inverse) or an
+        empty image.
+    """
+    if cfg.method != "percentile" or image.numel() == 0:
+        return None
+    out: list[tuple[float, float]] = []
+    for c in range(int(image.shape[0])):
+        xc = image[c : c + 1]
+        if cfg.within_foreground:
+            out.append(foreground_percentiles(xc, cfg.lower, cfg.upper) or (0.0, 1.0))
+        else:
+            flat = xc.detach().float().reshape(-1).numpy()
+            out.append((float(np.percentile(flat, cfg.lower)), float(np.percentile(flat, cfg.upper))))
+    return tuple(out)
+
+
+def intensity_source_range(image: torch.Tensor, cfg: IntensityConfig) -> tuple[float, float] | None:
+    """Channel 0's range of :func:`intensity_source_ranges` (None where there is none or no foreground).
+
+    Args:
+        image: ``(C, *S)`` volume as the intensity transform receives it.
+        cfg: The intensity normalisation config.
     """
     if cfg.method != "percentile":
         return None
-    image = image[:1]
     if cfg.within_foreground:
-        return foreground_percentiles(image, cfg.lower, cfg.upper)
-    flat = image.detach().float().reshape(-1).numpy()
-    if flat.size == 0:
-        return None
-    return float(np.percentile(flat, cfg.lower)), float(np.percentile(flat, cfg.upper))
+        return foreground_percentiles(image[:1], cfg.lower, cfg.upper)
+    ranges = intensity_source_ranges(image[:1], cfg)
+    return ranges[0] if ranges else None
 
 
 def intensity_transform(cfg: IntensityConfig) -> MapTransform:

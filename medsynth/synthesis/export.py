@@ -19,9 +19,10 @@ source mask's own grid (size, spacing, orientation, origin) through the :class:`
 record that synthesis kept (:mod:`medsynth.synthesis.native`; for cache-split sources, the grid of
 the case's mask file): synthetic images are resampled (image linear, mask nearest) and mapped back
 to the source intensity scale where the source image is known (a manifest ``image``, or the
-case's image for cache sources: ``lo + x * (hi - lo)`` with the ``lo``/``hi`` of its percentile
-scaling; background 0 stays 0 under ``within_foreground`` scaling); real cases are their original
-image files with the remapped original mask (plus the derived label, resampled from the cache).
+case's images for cache sources: ``lo + x * (hi - lo)`` with the ``lo``/``hi`` of its percentile
+scaling, per contrast for multi-contrast cases; background 0 stays 0 under ``within_foreground``
+scaling); real cases are their original image files with the remapped original mask (plus the
+derived label, resampled from the cache).
 
 Nothing is written until every case has been planned (ids checked, geometry found); the dataset is
 built in a temporary sibling folder and moved into place when complete; an existing non-empty
@@ -152,6 +153,21 @@ def to_source_scale(
     return np.where(x > 0, y, np.float32(0.0)).astype(np.float32) if within_foreground else y
 
 
+def to_source_scales(
+    x: npt.NDArray[np.float32], ranges: tuple[tuple[float, float], ...], within_foreground: bool
+) -> npt.NDArray[np.float32]:
+    """:func:`to_source_scale` per channel: ``x`` is ``(*S)`` with one range or ``(C, *S)`` with ``C`` ranges.
+
+    Raises:
+        ValueError: The number of ranges is not the number of channels.
+    """
+    if len(ranges) == 1:
+        return to_source_scale(x, ranges[0], within_foreground)
+    if x.shape[0] != len(ranges):
+        raise ValueError(f"{len(ranges)} intensity ranges for an image of {x.shape[0]} channels")
+    return np.stack([to_source_scale(x[c], r, within_foreground) for c, r in enumerate(ranges)])
+
+
 # ----- the cache's source files --------------------------------------------------------------
 class _Cache:
     """Items of a preprocessing cache and the files of their cases."""
@@ -206,14 +222,16 @@ def _cache_native(cfg: MedsynthConfig, cache: _Cache, item_id: str, where: str) 
     return NativeGeometry(tuple(int(s) for s in m.array.shape), m.affine, str(mask_path))
 
 
-def _cache_source_range(cfg: MedsynthConfig, cache: _Cache, item_id: str) -> tuple[float, float] | None:
-    """The source intensities a cached whole case's normalisation mapped to 0 and 1 (training's own transform)."""
-    if cfg.data.n_channels > 1:  # one range per contrast: synthetic multi-contrast cases stay on [0, 1]
-        return None
-    image_path, mask_path = cache.case_files(item_id)
-    img = read_image(image_path, kind="image", channel=cfg.data.channel)
+def _cache_source_ranges(cfg: MedsynthConfig, cache: _Cache, item_id: str) -> tuple[tuple[float, float], ...] | None:
+    """The source intensities a cached whole case's normalisation mapped to 0 and 1, one range per contrast.
+
+    Training's own transform on the case's files (every channel of a multi-contrast case, each scaled on its own).
+    """
+    _, mask_path = cache.case_files(item_id)
+    img = read_case_image(cache.case(item_id), cfg.data)
     mask = remap_and_validate(read_image(mask_path, kind="mask", channel=cfg.data.channel).array, cfg.data, mask_path)
-    return transform_case(img.array, mask, img.affine, cfg.preprocess).source_range
+    pixels = img.array if img.channels is None else img.channels
+    return transform_case(pixels, mask, img.affine, cfg.preprocess).source_ranges
 
 
 # ----- planning ------------------------------------------------------------------------------
@@ -231,17 +249,20 @@ def _synthetic_cases(
         geometry = row.get("geometry", "model")
         model = row.get("model_grid") or {"shape": None, "affine": row["affine"]}
         target: NativeGeometry | None = None
-        src_range = row.get("source_intensity_range")
+        n_chan = max(len(row.get("images") or []), 1)
+        src: tuple[tuple[float, float], ...] | None = None
+        if row.get("source_intensity_range") and n_chan == 1:  # the mask file's given image (single contrast)
+            lo, hi = (float(v) for v in row["source_intensity_range"])
+            src = ((lo, hi),)
         if native:
             if row.get("native_geometry"):
                 target = NativeGeometry.from_json(row["native_geometry"])
             else:
                 target = _cache_native(cfg, cache(), str(row["source_id"]), str(manifest_path))
-                src_range = src_range or _cache_source_range(cfg, cache(), str(row["source_id"]))
+                src = src or _cache_source_ranges(cfg, cache(), str(row["source_id"]))
         elif geometry == "native":
             target = NativeGeometry(tuple(int(s) for s in model["shape"]), np.asarray(model["affine"]), "model grid")
-        multi = len(row.get("images") or []) > 1
-        rng = tuple(float(v) for v in src_range) if native and src_range and not multi else None
+        rng = src if native and src is not None and len(src) == n_chan else None
 
         def load(row: dict[str, Any] = row, target: NativeGeometry | None = target, rng: Any = rng) -> Arrays:
             files = row.get("images") or [row["image"]]
@@ -253,7 +274,7 @@ def _synthetic_cases(
                 x, m = to_native(x, m, aff, target)
                 aff = target.affine
             if rng is not None:
-                x = to_source_scale(x, rng, within)
+                x = to_source_scales(x, rng, within)
             return x, m, aff
 
         space = "source" if rng is not None else "model [0, 1]"

@@ -82,6 +82,34 @@ def test_nnunetv2_export_has_every_channel_and_passes_nnunets_check(
             assert float(c0[m == 2].mean()) < float(c0[m == 1].mean()) * 1.5
 
 
+def test_native_export_maps_each_channel_back_to_its_own_source_scale(
+    two_contrast: dict[str, Any], tmp_path: Path
+) -> None:
+    """``--native``: every synthetic contrast goes back to its source case's scale for that contrast."""
+    import csv
+
+    cfg, cache, syn = two_contrast["cfg"], two_contrast["cache"], two_contrast["syn"]
+    out = tmp_path / "native"
+    export_dataset(cfg, out, "folder", synthetic_dir=syn, cache_dir=cache, native=True)
+    with (out / "provenance.csv").open(encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"] == "synthetic"]
+    assert rows and all(r["intensity_space"] == "source" for r in rows)
+    cache_items = json.loads((cache / "manifest.json").read_text(encoding="utf-8"))["items"]
+    case_of = {str(it["item_id"]): str(it["case_id"]) for it in cache_items}
+    for r in rows:
+        case = json.loads((cache / "cases" / f"{case_of[r['source_id']]}.json").read_text(encoding="utf-8"))["case"]
+        sources = [read_image(Path(p)).array for p in [case["image"], *case["extra_images"]]]
+        for k, src in enumerate(sources):
+            fg = src[src > 0]
+            lo, hi = np.percentile(fg, 0.5), np.percentile(fg, 99.5)
+            x = read_image(out / "images" / f"{r['case_id']}_{k:04d}.nii.gz").array
+            inside = x[x > 0]
+            assert inside.size > 0
+            # on this contrast's source scale [lo, hi] (the two contrasts' scales differ), not on [0, 1]
+            assert lo - 1e-3 <= float(inside.min()) and float(inside.max()) <= hi + 1e-3, (k, lo, hi)
+            assert float(inside.max()) > 0.5 * hi
+
+
 def test_writer_writes_one_png_per_channel_and_refuses_a_wrong_channel_count(tmp_path: Path) -> None:
     from dataclasses import replace
 
