@@ -27,6 +27,7 @@ FIGURES = {
     "validate": ("validation", "validation"),
     "experiment": ("experiment", "experiment"),
     "analysis": ("analysis", "analysis"),
+    "counterfactual": ("counterfactual", "counterfactual"),
 }
 """Stage -> (artifact folder, local subfolder) whose PNG files a report copies."""
 
@@ -41,6 +42,8 @@ class ExperimentResults:
         validation: The validation report (``validation_report.json``), None if the stage did not run.
         experiment_rows: Rows of the downstream summary (``summary.csv``), empty if it did not run.
         analysis: The analysis report (``analysis_report.json``: latent map, bias), None if the stage did not run.
+        counterfactual: The counterfactual stage's report (``counterfactual.json``), None if it did not run.
+        adaptation: The site-adaptation report (``adaptation.json``), None if the stage did not run.
         figures: Name -> local path (relative to the report folder) of each copied figure.
     """
 
@@ -49,6 +52,8 @@ class ExperimentResults:
     validation: dict[str, Any] | None = None
     experiment_rows: list[dict[str, Any]] = field(default_factory=list)
     analysis: dict[str, Any] | None = None
+    counterfactual: dict[str, Any] | None = None
+    adaptation: dict[str, Any] | None = None
     figures: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -100,6 +105,15 @@ def _find(uri: str, run: RunRecord, folder: str, filename: str, dst: Path) -> Pa
     return download_artifact(uri, run.run_id, wanted, dst)
 
 
+def _report(
+    uri: str, rec: PipelineRecord, stage: str, folder: str, filename: str, scratch: Path
+) -> dict[str, Any] | None:
+    """A stage's JSON report artifact, None when the stage was not tracked or logged none."""
+    run = rec.stages.get(stage)
+    path = _find(uri, run, folder, filename, scratch) if run is not None else None
+    return json.loads(path.read_text(encoding="utf-8")) if path else None
+
+
 def collect(
     tracking_uri: str, experiment: str, out_dir: str | Path, run_id: str | None = None, fig_subdir: str = "figures"
 ) -> ExperimentResults:
@@ -132,10 +146,11 @@ def collect(
         if exp is not None:
             path = _find(tracking_uri, exp, "experiment", "summary.csv", scratch)
             res.experiment_rows = _read_csv(path) if path else []
-        ana = rec.stages.get("analysis")
-        if ana is not None:
-            path = _find(tracking_uri, ana, "analysis", "analysis_report.json", scratch)
-            res.analysis = json.loads(path.read_text(encoding="utf-8")) if path else None
+        res.analysis = _report(tracking_uri, rec, "analysis", "analysis", "analysis_report.json", scratch)
+        res.counterfactual = _report(
+            tracking_uri, rec, "counterfactual", "counterfactual", "counterfactual.json", scratch
+        )
+        res.adaptation = _report(tracking_uri, rec, "adaptation", "adaptation", "adaptation.json", scratch)
         fig_dir = out / fig_subdir / experiment
         shutil.rmtree(fig_dir, ignore_errors=True)
         fig_dir.mkdir(parents=True, exist_ok=True)

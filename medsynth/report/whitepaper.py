@@ -21,6 +21,7 @@ from medsynth.report import prose
 from medsynth.report.analysis import analysis_section
 from medsynth.report.benchmarks import guidance_section, sampler_section
 from medsynth.report.collect import ExperimentResults, collect
+from medsynth.report.edits_adaptation import adaptation_section, counterfactual_section
 from medsynth.report.tables import duration, md_table, num, run_ref
 
 log = logging.getLogger(__name__)
@@ -425,6 +426,19 @@ def render(
                 "analysis/latent_map",
                 f"{res.name}: UMAP of real train, real test and synthetic items (by set, lesion, lesion size, site)",
             ),
+            "**Counterfactual edits of real test scans.**",
+            "",
+            *counterfactual_section(res),
+            "",
+            *_figure(
+                res,
+                "counterfactual/counterfactual",
+                f"{res.name}: counterfactual edits (original | edited mask | result | difference)",
+            ),
+            "**Site adaptation.**",
+            "",
+            *adaptation_section(res),
+            "",
         ]
     lines += [
         f"### 4.{len(results) + 1} Sampler speed and quality",
