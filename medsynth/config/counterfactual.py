@@ -110,7 +110,10 @@ class CounterfactualConfig(StrictModel):
     min_ssim_outside: float = Field(0.90, gt=0, le=1, description="Target: SSIM outside the edit region.")
     min_dice_ratio: float = Field(0.9, gt=0, description="Target: lesion Dice of edits / of plain synthesis.")
     fp_min_voxels: int = Field(
-        0, ge=0, description="A removed lesion counts as found again when MORE than this many voxels are predicted."
+        5,
+        ge=0,
+        description="A removed lesion counts as found again when MORE than this many lesion voxels are predicted "
+        "inside the voxels it occupied (as validation.fp_min_voxels counts false positives).",
     )
     n_figure: int = Field(6, ge=0, description="Rows of the figure original | edited mask | result | difference.")
     seed: int = Field(0, description="Seed of the fresh noise inside the edit region (cases are chosen evenly).")

@@ -12,9 +12,12 @@ a move that leaves the anatomy) is skipped and counted. Measured, with patient-b
   edited images, divided by its Dice on plain synthesis from the same edited masks (same sampler
   steps and guidance): does the lesion appear where the new mask puts it, as well as when drawn from
   noise (target ``min_dice_ratio``)?
-* ``fp_rate_removed`` (remove): how often the segmenter still finds the lesion (more than
-  ``fp_min_voxels`` voxels) after it was removed, beside the same rate on plain synthesis from the
-  lesion-free masks.
+* ``fp_rate_removed`` (remove): how often the segmenter still finds the lesion WHERE IT WAS (more than
+  ``fp_min_voxels`` predicted lesion voxels inside the removed lesion's voxels) after it was removed,
+  beside the same rate on plain synthesis from the lesion-free masks (the segmenter's own false
+  positives there) and on the real scans (``found_rate_real``: can it find the lesion at all before
+  the edit?); ``residual_removed`` is the mean fraction of the removed lesion's voxels still predicted
+  as lesion.
 
 The numbers are only as good as the generator and the reference segmenter; at toy sizes they say
 that the machinery runs, not that edits look real.
@@ -97,8 +100,23 @@ def _lesion_dice(pred: torch.Tensor, target: torch.Tensor, lesion: int) -> np.nd
     return np.asarray(res.dice[:, 0], dtype=np.float64)
 
 
-def _found(pred: torch.Tensor, lesion: int, min_voxels: int) -> np.ndarray:
-    return np.asarray(((pred == lesion).flatten(1).sum(1) > min_voxels).numpy(), dtype=np.float64)
+def _found_in(pred: torch.Tensor, region: torch.Tensor, lesion: int, min_voxels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per item: lesion predicted inside ``region`` (more than ``min_voxels`` voxels), and the fraction of it.
+
+    Args:
+        pred: ``(N, 1, *S)`` predicted labels.
+        region: ``(N, 1, *S)`` bool, the voxels to look in (a removed lesion's voxels).
+        lesion: Lesion label.
+        min_voxels: More predicted voxels than this inside the region count as found.
+
+    Returns:
+        ``(found, fraction)``: float arrays ``(N,)`` of 0/1 flags and of predicted / region voxels.
+    """
+    if pred.shape != region.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and region {tuple(region.shape)} differ")
+    hit = ((pred == lesion) & region).flatten(1).sum(1).double()
+    size = region.flatten(1).sum(1).double().clamp_min(1)
+    return (hit > min_voxels).double().numpy(), (hit / size).numpy()
 
 
 def _estimate(values: Any, patients: list[str], cfg: MedsynthConfig, seed: int) -> dict[str, Any]:
@@ -195,8 +213,10 @@ def evaluate_counterfactuals(
     ssim = masked_ssim(res.images, res.reconstructions, res.region)
     dice_cf = _lesion_dice(pred_cf, edited_t, lesion)
     dice_plain = _lesion_dice(pred_plain, edited_t, lesion)
-    found_cf = _found(pred_cf, lesion, cc.fp_min_voxels)
-    found_plain = _found(pred_plain, lesion, cc.fp_min_voxels)
+    removed_region = masks == lesion  # (N, 1, *S), as the predictions
+    found_cf, residual = _found_in(pred_cf, removed_region, lesion, cc.fp_min_voxels)
+    found_plain, _ = _found_in(pred_plain, removed_region, lesion, cc.fp_min_voxels)
+    found_real, _ = _found_in(predict(segmenter, images, seg_bs), removed_region, lesion, cc.fp_min_voxels)
     for k, row in enumerate(rows):
         name, _ = parse_counterfactual_edit(row["edit"], allow_mask=False)
         row.update(
@@ -205,11 +225,17 @@ def evaluate_counterfactuals(
             lesion_voxels=int((edited_t[k] == lesion).sum()),
         )
         if name == "remove":
-            row.update(found_after_removal=bool(found_cf[k]), found_in_plain_synthesis=bool(found_plain[k]))
+            row.update(
+                found_after_removal=bool(found_cf[k]),
+                found_in_plain_synthesis=bool(found_plain[k]),
+                found_in_real=bool(found_real[k]),
+                residual_fraction=float(residual[k]),
+            )
         else:
             row.update(dice_edit=_nan_none(dice_cf[k]), dice_plain=_nan_none(dice_plain[k]))
     report["items"] = rows
-    report["per_edit"], report["summary"] = _summaries(cfg, rows, ssim, dice_cf, dice_plain, found_cf, found_plain)
+    found = {"removed": found_cf, "plain": found_plain, "real": found_real, "residual": residual}
+    report["per_edit"], report["summary"] = _summaries(cfg, rows, ssim, dice_cf, dice_plain, found)
     report["figure"] = str(_figure(out_dir / FIGURE, images, edited_t, res, rows, cc.n_figure))
     write_json_atomic(out_dir / REPORT, report)
     return report
@@ -225,8 +251,7 @@ def _summaries(
     ssim: list[float],
     dice_cf: np.ndarray,
     dice_plain: np.ndarray,
-    found_cf: np.ndarray,
-    found_plain: np.ndarray,
+    found: dict[str, np.ndarray],
 ) -> tuple[dict[str, Any], dict[str, float | None]]:
     cc = cfg.counterfactual
     pats = [r["patient"] for r in rows]
@@ -238,8 +263,10 @@ def _summaries(
         p = [pats[k] for k in sel]
         entry: dict[str, Any] = {"n": len(sel), "ssim_outside": _estimate([ssim[k] for k in sel], p, cfg, seed)}
         if kinds[sel[0]] == "remove":
-            entry["fp_rate_removed"] = _estimate(found_cf[sel], p, cfg, seed)
-            entry["fp_rate_plain"] = _estimate(found_plain[sel], p, cfg, seed)
+            entry["fp_rate_removed"] = _estimate(found["removed"][sel], p, cfg, seed)
+            entry["fp_rate_plain"] = _estimate(found["plain"][sel], p, cfg, seed)
+            entry["found_rate_real"] = _estimate(found["real"][sel], p, cfg, seed)
+            entry["residual_removed"] = _estimate(found["residual"][sel], p, cfg, seed)
         else:
             entry["dice_edit"] = _estimate(dice_cf[sel], p, cfg, seed)
             entry["dice_plain"] = _estimate(dice_plain[sel], p, cfg, seed)
@@ -266,7 +293,10 @@ def _summaries(
         )
     if removed:
         summary.update(
-            fp_rate_removed=float(found_cf[removed].mean()), fp_rate_plain=float(found_plain[removed].mean())
+            fp_rate_removed=float(found["removed"][removed].mean()),
+            fp_rate_plain=float(found["plain"][removed].mean()),
+            found_rate_real=float(found["real"][removed].mean()),
+            residual_removed=float(found["residual"][removed].mean()),
         )
     ssim_v, ratio_v = summary.get("ssim_outside"), summary.get("dice_ratio")
     summary["ssim_met"] = None if ssim_v is None else float(ssim_v >= cc.min_ssim_outside)

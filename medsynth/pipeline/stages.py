@@ -232,6 +232,7 @@ register_stage(
         reads=("counterfactual", "sampling", "autoencoder.tiling"),
         after=("generator", "calibrate", "segmenter", "preprocess"),
         result=CounterfactualResult,
+        version=2,  # 2: a removed lesion is looked for where it was (not anywhere), also on the real scan
         cli=("counterfactual",),
         enabled=lambda cfg: cfg.counterfactual.enabled,
         digest=file_digest("counterfactual.json"),  # evaluation.counterfactual.REPORT

@@ -68,6 +68,9 @@ def test_stage_is_off_by_default_and_measures_edits_when_enabled(trained: dict[s
     assert res.metrics["cf/ssim_outside"] == pytest.approx(ssim)
     assert "cf/dice_ratio" in res.metrics or report["summary"].get("dice_ratio") is None
     assert res.fp_rate_removed is not None and 0 <= res.fp_rate_removed <= 1
+    removed = [item for item in report["items"] if item["edit"] == "remove"]
+    assert removed and all(0 <= item["residual_fraction"] <= 1 for item in removed)
+    assert 0 <= report["summary"]["found_rate_real"] <= 1 and "found_rate_real" in report["per_edit"]["remove"]
     assert all(item["region_voxels"] > 0 for item in report["items"])
     client = MlflowClient(tracking_uri(cfg))
     run = client.get_run(first.run_id)
