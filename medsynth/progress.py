@@ -29,13 +29,14 @@ class LogProgress:
     """Plain periodic log lines with rate and ETA (for CI, files and non-terminals).
 
     Args:
-        total: Units of work expected.
+        total: Units of work expected; 0 when unknown (a stage that learns its size while running): lines then
+            show the count and rate without a total or ETA, as they do once the count passes the total.
         desc: What is being done.
         every_s: Minimum seconds between lines.
     """
 
     def __init__(self, total: int, desc: str, every_s: float = 10.0) -> None:
-        self.total, self.desc, self.every_s = max(total, 1), desc, every_s
+        self.total, self.desc, self.every_s = max(total, 0), desc, every_s
         self.done = 0
         self.start = self.last = time.monotonic()
 
@@ -43,9 +44,13 @@ class LogProgress:
         """Add ``n`` units and print a line if ``every_s`` passed or the work is complete."""
         self.done += n
         now = time.monotonic()
-        if now - self.last >= self.every_s or self.done >= self.total:
+        known = self.done <= self.total
+        if now - self.last >= self.every_s or (known and self.done == self.total):
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
+            if not known:
+                log.info("%s: %d done (%.1f/s) %s", self.desc, self.done, rate, info)
+                return
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             log.info("%s: %d/%d (%.1f/s, ETA %.0fs) %s", self.desc, self.done, self.total, rate, eta, info)
 
@@ -73,7 +78,7 @@ class BarProgress:
             TextColumn("{task.fields[info]}"),
             transient=False,
         )
-        self._task = self._bar.add_task(desc, total=total, info="")
+        self._task = self._bar.add_task(desc, total=total if total > 0 else None, info="")  # None: indeterminate
 
     def __enter__(self) -> BarProgress:
         self._bar.start()
