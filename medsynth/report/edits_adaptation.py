@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from medsynth.evaluation.stats import format_value
 from medsynth.report.collect import ExperimentResults
 from medsynth.report.tables import md_table, num, run_ref
+
+
+def _f(v: Any) -> str:
+    return format_value(v, 3, missing="–")  # a rate or ratio of 1 prints 1.000 (num() prints counts)
 
 
 def _ci(e: dict[str, Any] | None) -> str:
@@ -13,8 +18,8 @@ def _ci(e: dict[str, Any] | None) -> str:
     if not e or e.get("value") is None:
         return "n/a"
     if e.get("lo") is None or e.get("hi") is None:
-        return f"{num(e['value'])} (n/a CI: too few patients)"
-    return f"{num(e['value'])} [{num(e['lo'])}, {num(e['hi'])}]"
+        return f"{_f(e['value'])} (n/a CI: too few patients)"
+    return f"{_f(e['value'])} [{_f(e['lo'])}, {_f(e['hi'])}]"
 
 
 def counterfactual_section(res: ExperimentResults) -> list[str]:
@@ -41,7 +46,10 @@ def counterfactual_section(res: ExperimentResults) -> list[str]:
                 str(e.get("n", "")),
                 _ci(e.get("ssim_outside")),
                 "—" if removal else _ci(e.get("dice_ratio")),
-                f"{_ci(e.get('fp_rate_removed'))} (plain synthesis {_ci(e.get('fp_rate_plain'))})" if removal else "—",
+                f"{_ci(e.get('fp_rate_removed'))} (real scan before the edit {_ci(e.get('found_rate_real'))}; "
+                f"plain synthesis {_ci(e.get('fp_rate_plain'))})"
+                if removal
+                else "—",
             ]
         )
     skipped = rep.get("skipped") or {}
@@ -51,7 +59,10 @@ def counterfactual_section(res: ExperimentResults) -> list[str]:
         f"regeneration with the edited mask, latents blended back outside the edit region dilated by "
         f"{st.get('dilate')} latent voxels). SSIM outside the edit region is measured against the scan's autoencoder "
         "round trip; the lesion Dice ratio is the reference segmenter's Dice against the edited mask over its Dice "
-        "on plain synthesis from the same mask; after removal, the fraction of scans where it still finds a lesion. "
+        "on plain synthesis from the same mask; after removal, the fraction of scans where it still finds a lesion "
+        f"where the lesion was (more than {res.cfg('counterfactual.fp_min_voxels', 5)} predicted lesion voxels inside "
+        "its voxels), beside the same on the real "
+        "scan before the edit and on plain synthesis from the lesion-free mask. "
         "Patient-bootstrap 95% CIs.",
         "",
         *md_table(["edit", "n", "SSIM outside", "lesion Dice ratio", "lesion found after removal"], rows),

@@ -213,9 +213,23 @@ def downstream_section(res: ExperimentResults) -> list[str]:
     if not rows_in or run is None:
         return ["_The downstream experiment did not run for this config._"]
     cells = res.record.cells
+    n_all = int(run.metrics.get("exp/n_cells", len(cells)))
+    reused = n_all - len(cells)
+    earlier = (
+        "recorded by an earlier run with the same inputs (the same seeds give the same cells) and reused from the "
+        "cell ledger; their tracked runs are under that run's experiment run"
+    )
+    if reused <= 0:
+        where = f"each its own tracked run under the experiment run {run_ref(run.run_id)}"
+    elif cells:
+        where = (
+            f"{len(cells)} trained by this run, each its own tracked run under the experiment run "
+            f"{run_ref(run.run_id)}; the other {reused} {earlier}"
+        )
+    else:
+        where = f"0 trained by experiment run {run_ref(run.run_id)}: all {earlier}"
     out = [
-        f"{len(cells)} grid cells, each its own tracked run under the experiment run {run_ref(run.run_id)}; "
-        f"each cell trains until its validation score stops improving (at most "
+        f"{n_all} grid cells ({where}); each cell trains until its validation score stops improving (at most "
         f"{res.cfg('experiment.train.steps')} classifier steps) and keeps its best-on-validation weights.",
         "",
     ]

@@ -155,6 +155,10 @@ def test_report_is_built_from_the_runs_that_did_the_work(tiny_run: dict[str, Any
     assert res.exit_code == 0, res.output
     text = (tmp_path / "wp" / "whitepaper.md").read_text(encoding="utf-8")
     assert (tmp_path / "wp" / "whitepaper.html").is_file()
+    import re
+
+    grid = re.search(r"(\d+) grid cells \((\d+) trained by this run", text)  # cells reused from the ledger: said
+    assert grid is not None and int(grid.group(1)) >= int(grid.group(2))
     client = MlflowClient(f"sqlite:///{tiny_run['root'] / 'out' / 'mlflow.db'}")
     first, second = tiny_run["first"]["mlflow_parent_run"], tiny_run["second"]["mlflow_parent_run"]
     assert f"`{second[:8]}`" in text  # the latest finished pipeline

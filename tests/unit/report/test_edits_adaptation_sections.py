@@ -32,6 +32,7 @@ CF_REPORT = {
             "ssim_outside": _est(0.93, 0.9, 0.95),
             "fp_rate_removed": _est(0.25, 0.0, 0.5),
             "fp_rate_plain": _est(0.5, 0.25, 0.75),
+            "found_rate_real": _est(1.0, 1.0, 1.0),
         },
         "scale:1.5": {
             "n": 4,
@@ -50,9 +51,9 @@ def test_counterfactual_section_shows_every_edit_and_the_targets() -> None:
     assert "`c0ffee12`" in text and "8 edits of 4 lesion-bearing test scans" in text
     assert (
         "| `remove` | 4 | 0.930 [0.900, 0.950] | — | 0.250 [0.000, 0.500] "
-        "(plain synthesis 0.500 [0.250, 0.750]) |" in text
+        "(real scan before the edit 1.000 [1.000, 1.000]; plain synthesis 0.500 [0.250, 0.750]) |" in text
     )
-    assert "| `scale:1.5` | 4 | 0.910 [0.880, 0.940] | 0.850 [0.700, 1] | — |" in text
+    assert "| `scale:1.5` | 4 | 0.910 [0.880, 0.940] | 0.850 [0.700, 1.000] | — |" in text
     assert "SSIM outside 0.920 (target >= 0.9: met)" in text and "(target >= 0.9: **missed**)" in text
     assert "Skipped (edit impossible on that mask): {'move:6,0': 1}" in text
 
