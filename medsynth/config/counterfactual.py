@@ -107,6 +107,14 @@ class CounterfactualConfig(StrictModel):
         "input grid), so only the region changes; False: the whole regenerated image (outside the region: the "
         "autoencoder's round trip at the model's resolution). Needs an invertible (percentile) normalisation.",
     )
+    feather: float = Field(
+        2.0,
+        ge=0,
+        description="medsynth edit with paste_original: width, in model-grid voxels, of the band INSIDE the edit "
+        "region over which the regenerated content fades into the input's own voxels (0: a hard paste, whose "
+        "edge shows where the model's resolution is coarser than the input's). Capped at 'dilate', so the edited "
+        "lesion itself is always fully regenerated. Outside the region the input's voxels are kept exactly.",
+    )
     min_ssim_outside: float = Field(0.90, gt=0, le=1, description="Target: SSIM outside the edit region.")
     min_dice_ratio: float = Field(0.9, gt=0, description="Target: lesion Dice of edits / of plain synthesis.")
     fp_min_voxels: int = Field(

@@ -349,7 +349,9 @@ def _write_item(
     if values is None:
         values = native_x  # the model's [0, 1] scale: the normalisation cannot be inverted
     if pasted:
-        values = np.where(native_region > 0, values, np.asarray(src_img.array, dtype=np.float32))
+        width = min(cfg.counterfactual.feather, float(cfg.counterfactual.dilate))  # the lesion stays regenerated
+        alpha = feather_weights(native_region > 0, _voxels_per_model_voxel(grid), width)
+        values = (alpha * values + (1.0 - alpha) * np.asarray(src_img.array, dtype=np.float32)).astype(np.float32)
     image = _as_dtype(values, _storage_dtype(src_img.array))
     raw = _raw_labels(cfg, native_mask, set(np.unique(src_mask.array).tolist()))
     mask = raw.astype(np.uint8 if raw.max(initial=0) <= 255 else np.uint16)
@@ -373,6 +375,40 @@ def _write_item(
         "intensity": "source scale" if on_source else "model [0, 1] (normalisation not invertible)",
         "native_geometry": grid.native.to_json(),
     }
+
+
+def _voxels_per_model_voxel(grid: GridMask) -> npt.NDArray[np.float64]:
+    """Input-grid voxels per model-grid voxel along each input axis (model spacing / input spacing)."""
+    d = grid.native.affine.shape[0] - 1
+    native = np.linalg.norm(np.asarray(grid.native.affine)[:d, :d], axis=0)
+    model = np.linalg.norm(np.asarray(grid.affine)[:d, :d], axis=0)
+    return np.asarray(np.mean(model) / np.maximum(native, 1e-9), dtype=np.float64)
+
+
+def feather_weights(
+    region: npt.NDArray[np.bool_], voxels_per_model_voxel: npt.NDArray[np.float64], width: float
+) -> npt.NDArray[np.float32]:
+    """Blend weights of regenerated content: 1 deep inside ``region``, falling to 0 at its edge, 0 outside.
+
+    The fall-off runs over ``width`` model-grid voxels measured inward from the region's border (Euclidean
+    distance in model-grid voxels), so the input's own voxels outside the region are kept exactly and the
+    regenerated content fades in instead of ending at a hard, resolution-revealing edge.
+
+    Args:
+        region: ``(*S)`` bool, the edit region on the input grid.
+        voxels_per_model_voxel: ``(D,)`` input voxels per model voxel along each axis.
+        width: Feather width in model-grid voxels; 0 gives the hard region (weights 0/1).
+
+    Returns:
+        ``(*S)`` float32 weights in ``[0, 1]``.
+    """
+    from scipy import ndimage
+
+    if width <= 0 or not region.any():
+        return region.astype(np.float32)
+    sampling = 1.0 / np.asarray(voxels_per_model_voxel, dtype=np.float64)  # model voxels per input voxel
+    inside = ndimage.distance_transform_edt(region, sampling=sampling)  # 0 outside, distance to the edge inside
+    return np.clip(np.asarray(inside, dtype=np.float64) / width, 0.0, 1.0).astype(np.float32)
 
 
 def _ext(path: Path) -> str:

@@ -172,3 +172,16 @@ def test_read_batch_resolves_paths_and_names_bad_lines(tmp_path: Path) -> None:
         read_batch(csv)
     with pytest.raises(DataError, match="does not exist"):
         read_batch(tmp_path / "nope.csv")
+
+
+def test_feather_fades_inward_over_the_width_and_keeps_the_outside() -> None:
+    from medsynth.synthesis.counterfactual_files import feather_weights
+
+    region = np.zeros((40, 40), bool)
+    region[8:32, 8:32] = True
+    w = feather_weights(region, np.array([4.0, 4.0]), 2.0)  # 4 input voxels per model voxel: an 8-voxel band
+    assert w.dtype == np.float32 and (w[~region] == 0).all()  # the input's own voxels outside, exactly
+    assert w[20, 20] == 1.0 and w[8 + 8, 20] == 1.0  # fully regenerated from 2 model voxels inside the edge on
+    ramp = w[8:17, 20]
+    assert 0 < ramp[0] < 0.2 and (np.diff(ramp) >= 0).all() and ramp[-1] == 1.0  # a monotone fade, no hard edge
+    assert np.array_equal(feather_weights(region, np.array([4.0, 4.0]), 0.0), region.astype(np.float32))
