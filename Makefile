@@ -69,7 +69,7 @@ bench-gpu: setup  ## GPU benchmark -> benchmarks/results/gpu.json (BENCH_GPU_ARG
 
 # The whitepaper, rebuilt from the tracked runs in outputs/mlflow.db (the latest finished pipeline run of
 # each config) and the benchmark JSON in benchmarks/results/.
-WHITEPAPER_CONFIGS ?= configs/lgg-2d-clean.yaml configs/lgg-2d.yaml configs/hippocampus-3d.yaml configs/demo.yaml
+WHITEPAPER_CONFIGS ?= configs/lgg-2d-clean.yaml configs/lgg-2d-site-adapt.yaml configs/lgg-2d.yaml configs/hippocampus-3d.yaml configs/demo.yaml
 whitepaper: setup  ## regenerate whitepaper/ from the MLflow runs of WHITEPAPER_CONFIGS
 	$(VENV)/bin/medsynth report $(foreach c,$(WHITEPAPER_CONFIGS),-c $(c)) --skip-missing --out whitepaper
 

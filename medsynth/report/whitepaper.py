@@ -398,7 +398,12 @@ def render(
         lines += [
             f"### 4.{i} {res.name}",
             "",
-            f"Pipeline run {run_ref(res.record.parent.run_id)} ({res.record.parent.name}); registered models: "
+            (
+                "Stages run one at a time (no pipeline run); each number cites the latest finished run of its stage"
+                if res.record.stage_only
+                else f"Pipeline run {run_ref(res.record.parent.run_id)} ({res.record.parent.name})"
+            )
+            + "; registered models: "
             + (", ".join(f"`{m}`" for m in res.record.models) or "none")
             + ".",
             "",
@@ -476,7 +481,9 @@ def render(
     ]
     for res in results:
         lines.append(
-            f"- **{res.name}**: pipeline `{res.record.parent.run_id}`; "
+            f"- **{res.name}**: "
+            + ("stages run one at a time" if res.record.stage_only else f"pipeline `{res.record.parent.run_id}`")
+            + "; "
             + "; ".join(f"{r.stage or r.name} `{r.run_id}`" for r in res.ordered_stages())
         )
     return "\n".join(lines) + "\n"

@@ -62,6 +62,9 @@ class PipelineRecord:
         stages: Stage name -> the run that computed that stage's current outputs (see :func:`_stage_runs`).
         cells: Runs of the experiment grid's cells (nested under the experiment stage run).
         models: Registered model versions created by the stage runs: ``models:/<name>/<version>``.
+        stage_only: True when the stages were run one at a time (``medsynth <stage> -c ...``) and no pipeline run
+            exists: ``parent`` is then the latest of those stage runs and ``stages`` the latest finished run of
+            each stage.
     """
 
     tracking_uri: str
@@ -71,6 +74,7 @@ class PipelineRecord:
     stages: dict[str, RunRecord]
     cells: list[RunRecord]
     models: list[str]
+    stage_only: bool = False
 
 
 def _record(run: Run) -> RunRecord:
@@ -157,25 +161,62 @@ def load_pipeline(tracking_uri: str, experiment: str, run_id: str | None = None)
             max_results=1,
         )
         if not found:
-            raise DataError(
-                tracking_uri,
-                f"experiment {experiment!r} has no finished pipeline run",
-                hint="let `medsynth run <config>` finish (a re-run after an interruption completes it)",
-            )
+            solo = _solo_stage_runs(client, exp.experiment_id)
+            if not solo:
+                raise DataError(
+                    tracking_uri,
+                    f"experiment {experiment!r} has no finished pipeline run and no finished stage run",
+                    hint="let `medsynth run <config>` finish (a re-run after an interruption completes it)",
+                )
+            latest = max(solo.values(), key=lambda r: r.start_ms)
+            return _assemble(client, tracking_uri, experiment, exp.experiment_id, latest, solo, stage_only=True)
         parent = found[0]
     else:
         parent = client.get_run(run_id)
     stages = _stage_runs(client, exp.experiment_id, parent)
+    return _assemble(client, tracking_uri, experiment, exp.experiment_id, _record(parent), stages)
+
+
+def _assemble(
+    client: MlflowClient,
+    tracking_uri: str,
+    experiment: str,
+    experiment_id: str,
+    parent: RunRecord,
+    stages: dict[str, RunRecord],
+    stage_only: bool = False,
+) -> PipelineRecord:
+    """A :class:`PipelineRecord` with the grid's cell runs and the registered model versions of ``stages``."""
     cells: list[RunRecord] = []
     if "experiment" in stages:
-        cells = [_record(r) for r in _children(client, exp.experiment_id, stages["experiment"].run_id)]
+        cells = [_record(r) for r in _children(client, experiment_id, stages["experiment"].run_id)]
         cells.sort(key=lambda r: r.name)
     models: list[str] = []
     run_ids = {r.run_id for r in stages.values()}
     for mv in client.search_model_versions(max_results=1000):
         if mv.run_id in run_ids:
             models.append(f"models:/{mv.name}/{mv.version}")
-    return PipelineRecord(tracking_uri, experiment, exp.experiment_id, _record(parent), stages, cells, sorted(models))
+    return PipelineRecord(tracking_uri, experiment, experiment_id, parent, stages, cells, sorted(models), stage_only)
+
+
+def _solo_stage_runs(client: MlflowClient, experiment_id: str) -> dict[str, RunRecord]:
+    """Per stage, the latest finished top-level stage run (stages run one at a time, outside a pipeline).
+
+    A cached stage run points at the run that computed its outputs (``medsynth.computed_by``), which is taken
+    instead when it is in the store.
+    """
+    runs = [
+        _record(r)
+        for r in client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50000)
+    ]
+    by_id = {r.run_id: r for r in runs}
+    out: dict[str, RunRecord] = {}
+    for r in sorted(runs, key=lambda r: r.start_ms):  # later runs of a stage replace earlier ones
+        if not r.stage or r.stage in ("pipeline", "experiment-cell") or r.tags.get("mlflow.parentRunId"):
+            continue
+        link = r.tags.get("medsynth.computed_by")
+        out[r.stage] = by_id[link] if link and link in by_id else r
+    return out
 
 
 def list_artifacts(tracking_uri: str, run_id: str, path: str | None = None) -> list[str]:
