@@ -11,7 +11,10 @@ def analysis_section(res: ExperimentResults) -> list[str]:
     """The latent map's reading (from its coverage numbers) and the bias tables with flags; n/a without the stage."""
     rep, run = res.analysis, res.stage("analysis")
     if rep is None or run is None:
-        return ["n/a: the analysis stage did not run for this config (`analysis.enabled: true` runs it)."]
+        return [
+            "n/a: no tracked run of the analysis stage for this config "
+            "(`analysis.enabled: true` adds it to `medsynth run`)."
+        ]
     t = rep.get("targets") or {}
     edges = rep.get("size_edges")
     return [

@@ -33,7 +33,10 @@ def counterfactual_section(res: ExperimentResults) -> list[str]:
     """
     rep, run = res.counterfactual, res.stage("counterfactual")
     if rep is None or run is None:
-        return ["n/a: the counterfactual stage did not run for this config (`counterfactual.enabled: true` runs it)."]
+        return [
+            "n/a: no tracked run of the counterfactual stage for this config "
+            "(`counterfactual.enabled: true` adds it to `medsynth run`)."
+        ]
     if rep.get("na"):
         return [f"Run {run_ref(run.run_id)}: n/a ({rep['na']})."]
     t, s, st = rep.get("targets") or {}, rep.get("summary") or {}, rep.get("settings") or {}
@@ -89,7 +92,10 @@ def adaptation_section(res: ExperimentResults) -> list[str]:
     """
     rep, run = res.adaptation, res.stage("adaptation")
     if rep is None or run is None:
-        return ["n/a: the adaptation stage did not run for this config (`adaptation.enabled: true` runs it)."]
+        return [
+            "n/a: no tracked run of the adaptation stage for this config "
+            "(`adaptation.enabled: true` adds it to `medsynth run`)."
+        ]
     ev = (rep.get("patients") or {}).get("evaluation") or []
     rows = []
     for r in rep.get("rows") or []:

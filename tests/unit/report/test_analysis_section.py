@@ -55,5 +55,5 @@ def test_section_reads_the_coverage_and_shows_flagged_subgroups() -> None:
 
 
 def test_section_says_na_when_the_stage_did_not_run() -> None:
-    assert analysis_section(_results(None))[0].startswith("n/a: the analysis stage did not run")
+    assert analysis_section(_results(None))[0].startswith("n/a: no tracked run of the analysis stage")
     assert analysis_section(_results({"n_items": 1}, with_run=False))[0].startswith("n/a")

@@ -59,7 +59,9 @@ def test_counterfactual_section_shows_every_edit_and_the_targets() -> None:
 
 
 def test_counterfactual_section_na() -> None:
-    assert counterfactual_section(_results("counterfactual"))[0].startswith("n/a: the counterfactual stage")
+    assert counterfactual_section(_results("counterfactual"))[0].startswith(
+        "n/a: no tracked run of the counterfactual stage"
+    )
     na = {**CF_REPORT, "na": "no lesion-bearing test scan could be edited"}
     assert counterfactual_section(_results("counterfactual", counterfactual=na)) == [
         "Run `c0ffee12`: n/a (no lesion-bearing test scan could be edited)."
@@ -99,4 +101,4 @@ def test_adaptation_section_has_a_row_per_cell() -> None:
     assert "trained without site CS" in text and "site's other 3 patients" in text and "floor 0.020" in text
     assert "| 2 | none | 0 | 0.0 | 0.800 [0.600, 0.950] | 0.050 |" in text
     assert "| 2 | lora | 123,456 | 61.2 | n/a | 0.040 |" in text
-    assert adaptation_section(_results("adaptation"))[0].startswith("n/a: the adaptation stage")
+    assert adaptation_section(_results("adaptation"))[0].startswith("n/a: no tracked run of the adaptation stage")
