@@ -157,8 +157,8 @@ def test_report_is_built_from_the_runs_that_did_the_work(tiny_run: dict[str, Any
     assert (tmp_path / "wp" / "whitepaper.html").is_file()
     import re
 
-    grid = re.search(r"(\d+) grid cells \((\d+) trained by this run", text)  # cells reused from the ledger: said
-    assert grid is not None and int(grid.group(1)) >= int(grid.group(2))
+    grid = re.search(r"(\d+) grid cells \(", text)  # the grid's size, also when its cells came from the ledger
+    assert grid is not None and int(grid.group(1)) > 0
     client = MlflowClient(f"sqlite:///{tiny_run['root'] / 'out' / 'mlflow.db'}")
     first, second = tiny_run["first"]["mlflow_parent_run"], tiny_run["second"]["mlflow_parent_run"]
     assert f"`{second[:8]}`" in text  # the latest finished pipeline
