@@ -22,7 +22,6 @@ from medsynth.data.transforms import (
     IMAGE,
     MASK,
     geometry_transforms,
-    intensity_source_range,
     intensity_source_ranges,
     intensity_transform,
     pad_crop_transform,
@@ -42,17 +41,21 @@ class TransformedCase:
         mask: ``(*S')`` int64 labels, the derived label merged in when it is enabled and an image was given.
         original_foreground: ``(*S')`` voxels holding a non-background label of the input mask.
         affine: ``(D+1, D+1)`` RAS affine of the transformed arrays.
-        source_range: ``(lo, hi)`` source intensities of channel 0 mapped to 0 and 1 (percentile scaling), else None.
-        source_ranges: One ``(lo, hi)`` per channel (multi-contrast images scale each contrast on its own), else
-            None.
+        source_ranges: ``(lo, hi)`` source intensities mapped to 0 and 1 (percentile scaling), one pair per
+            channel (multi-contrast images scale each contrast on its own); None without an image or under
+            z-scoring.
     """
 
     image: Any
     mask: npt.NDArray[np.int64]
     original_foreground: npt.NDArray[np.bool_]
     affine: npt.NDArray[np.float64]
-    source_range: tuple[float, float] | None
-    source_ranges: tuple[tuple[float, float], ...] | None = None
+    source_ranges: tuple[tuple[float, float], ...] | None
+
+    @property
+    def source_range(self) -> tuple[float, float] | None:
+        """Channel 0's ``(lo, hi)`` (what single-contrast callers invert), else None."""
+        return self.source_ranges[0] if self.source_ranges else None
 
 
 def transform_case(
@@ -87,7 +90,6 @@ def transform_case(
             MASK: to_meta(np.asarray(mask), affine, torch.float32),
         }
     )
-    source_range = intensity_source_range(d[IMAGE], pc.intensity) if image is not None else None
     source_ranges = intensity_source_ranges(d[IMAGE], pc.intensity) if image is not None else None
     if image is not None:
         d = intensity_transform(pc.intensity)(d)
@@ -98,7 +100,7 @@ def transform_case(
         derived = foreground_label(np.asarray(d[IMAGE][0]), pc.derived_label)
         mask_np = merge_derived(mask_np, derived, pc.derived_label.index)
     aff = np.asarray(d[MASK].affine, dtype=np.float64)
-    return TransformedCase(out_image, mask_np, orig_fg, aff, source_range, source_ranges)
+    return TransformedCase(out_image, mask_np, orig_fg, aff, source_ranges)
 
 
 def to_model_grid(

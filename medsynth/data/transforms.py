@@ -96,21 +96,6 @@ def intensity_source_ranges(image: torch.Tensor, cfg: IntensityConfig) -> tuple[
     return tuple(out)
 
 
-def intensity_source_range(image: torch.Tensor, cfg: IntensityConfig) -> tuple[float, float] | None:
-    """Channel 0's range of :func:`intensity_source_ranges` (None where there is none or no foreground).
-
-    Args:
-        image: ``(C, *S)`` volume as the intensity transform receives it.
-        cfg: The intensity normalisation config.
-    """
-    if cfg.method != "percentile":
-        return None
-    if cfg.within_foreground:
-        return foreground_percentiles(image[:1], cfg.lower, cfg.upper)
-    ranges = intensity_source_ranges(image[:1], cfg)
-    return ranges[0] if ranges else None
-
-
 def intensity_transform(cfg: IntensityConfig) -> MapTransform:
     """The per-volume intensity normalisation chosen by ``cfg`` (the image only; each channel on its own)."""
     if cfg.method == "zscore":

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from medsynth.evaluation.analysis_summary import downstream_table, latent_map_lines, plausibility_table
 from medsynth.report.collect import ExperimentResults
-from medsynth.report.tables import run_ref
+from medsynth.report.tables import no_run_line, run_ref
 
 
 def analysis_section(res: ExperimentResults) -> list[str]:
     """The latent map's reading (from its coverage numbers) and the bias tables with flags; n/a without the stage."""
     rep, run = res.analysis, res.stage("analysis")
     if rep is None or run is None:
-        return [
-            "n/a: no tracked run of the analysis stage for this config "
-            "(`analysis.enabled: true` adds it to `medsynth run`)."
-        ]
+        return [no_run_line("analysis")]
     t = rep.get("targets") or {}
     edges = rep.get("size_edges")
     return [

@@ -6,7 +6,7 @@ from typing import Any
 
 from medsynth.evaluation.stats import format_value
 from medsynth.report.collect import ExperimentResults
-from medsynth.report.tables import md_table, num, run_ref
+from medsynth.report.tables import md_table, no_run_line, num, run_ref
 
 
 def _f(v: Any) -> str:
@@ -33,10 +33,7 @@ def counterfactual_section(res: ExperimentResults) -> list[str]:
     """
     rep, run = res.counterfactual, res.stage("counterfactual")
     if rep is None or run is None:
-        return [
-            "n/a: no tracked run of the counterfactual stage for this config "
-            "(`counterfactual.enabled: true` adds it to `medsynth run`)."
-        ]
+        return [no_run_line("counterfactual")]
     if rep.get("na"):
         return [f"Run {run_ref(run.run_id)}: n/a ({rep['na']})."]
     t, s, st = rep.get("targets") or {}, rep.get("summary") or {}, rep.get("settings") or {}
@@ -92,10 +89,7 @@ def adaptation_section(res: ExperimentResults) -> list[str]:
     """
     rep, run = res.adaptation, res.stage("adaptation")
     if rep is None or run is None:
-        return [
-            "n/a: no tracked run of the adaptation stage for this config "
-            "(`adaptation.enabled: true` adds it to `medsynth run`)."
-        ]
+        return [no_run_line("adaptation")]
     ev = (rep.get("patients") or {}).get("evaluation") or []
     rows = []
     for r in rep.get("rows") or []:

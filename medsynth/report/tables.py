@@ -33,3 +33,10 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return out
+
+
+def no_run_line(stage: str) -> str:
+    """The n/a line of an optional stage (``<stage>.enabled``) that has no tracked run for a config."""
+    return (
+        f"n/a: no tracked run of the {stage} stage for this config (`{stage}.enabled: true` adds it to `medsynth run`)."
+    )

@@ -14,7 +14,7 @@ native-geometry export (:mod:`medsynth.synthesis.export`):
 
 Intensities stay on the training scale (``[0, 1]`` = the per-image percentile range of the
 preprocessing) unless a source range is known: the one of a given image (the ``lo``/``hi`` its
-percentile scaling used, :func:`medsynth.data.transforms.intensity_source_range`) or one given in a
+percentile scaling used, :func:`medsynth.data.transforms.intensity_source_ranges`) or one given in a
 mask manifest; ``lo + x * (hi - lo)`` maps back to the source scale.
 """
 
